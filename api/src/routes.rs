@@ -1,0 +1,409 @@
+//! The route handlers, one per route, all of the same shape: extract,
+//! check, call the job store, answer.
+
+use std::collections::HashMap;
+
+use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use image_queue_pipeline::blob::blob_key;
+use image_queue_pipeline::jobs::{is_terminal, Cancelled};
+use image_queue_pipeline::{stats, NewImage, NewJob, Operation, Source};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::auth::Vendor;
+use crate::error::ApiError;
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonImage {
+    pub url: String,
+    pub record_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonJob {
+    pub operations: Vec<String>,
+    pub images: Vec<JsonImage>,
+}
+
+fn parse_operations<'a>(ops: impl IntoIterator<Item = &'a str>) -> Result<Vec<Operation>, ApiError> {
+    let mut out = Vec::new();
+    for s in ops {
+        let s = s.trim();
+        if s.is_empty() {
+            continue;
+        }
+        let op = Operation::parse(s).ok_or_else(|| {
+            ApiError::Unprocessable(format!("unknown operation {s:?}: use bg-removal, face-crop or resize"))
+        })?;
+        if !out.contains(&op) {
+            out.push(op);
+        }
+    }
+    if out.is_empty() {
+        return Err(ApiError::Unprocessable("at least one operation is required".into()));
+    }
+    Ok(out)
+}
+
+fn check_record_id(r: &str) -> Result<(), ApiError> {
+    if r.is_empty() || r.len() > 255 {
+        return Err(ApiError::Unprocessable(
+            "each image needs a record_id of 1–255 characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_url(u: &str) -> Result<(), ApiError> {
+    let ok = (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048;
+    if !ok {
+        return Err(ApiError::Unprocessable(format!(
+            "image URLs must be http(s) and at most 2048 characters: {:.80}",
+            u
+        )));
+    }
+    Ok(())
+}
+
+/// The formats we accept, told by content.
+fn is_image(b: &[u8]) -> bool {
+    matches!(
+        b,
+        [0xFF, 0xD8, 0xFF, ..] | [0x89, b'P', b'N', b'G', ..] | [b'G', b'I', b'F', b'8', ..]
+    ) || (b.len() >= 12 && &b[0..4] == b"RIFF" && &b[8..12] == b"WEBP")
+}
+
+/// `POST /api/image-queue/jobs`: JSON with URLs, or multipart with files.
+pub async fn submit(
+    State(state): State<AppState>,
+    vendor: Vendor,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let idempotency_key = match headers.get("idempotency-key") {
+        Some(v) => {
+            let k = v
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("Idempotency-Key must be text".into()))?;
+            if k.is_empty() || k.len() > 200 {
+                return Err(ApiError::BadRequest("Idempotency-Key must be 1–200 characters".into()));
+            }
+            Some(hex_of(k))
+        }
+        None => None,
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let job_id = NewJob::new_id();
+    let (operations, images) = if content_type.starts_with("application/json") {
+        let body = Bytes::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::PayloadTooLarge(e.body_text()))?;
+        if body.len() > state.config.max_json_bytes {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "JSON bodies are limited to {} bytes",
+                state.config.max_json_bytes
+            )));
+        }
+        let job: JsonJob = serde_json::from_slice(&body).map_err(|e| {
+            if e.is_syntax() || e.is_eof() {
+                ApiError::BadRequest(format!("malformed JSON: {e}"))
+            } else {
+                ApiError::Unprocessable(format!("invalid job: {e}"))
+            }
+        })?;
+        let ops = parse_operations(job.operations.iter().map(String::as_str))?;
+        let mut images = Vec::new();
+        for img in job.images {
+            check_record_id(&img.record_id)?;
+            check_url(&img.url)?;
+            images.push(NewImage {
+                source: Source::Url(img.url),
+                record_id: img.record_id,
+            });
+        }
+        (ops, images)
+    } else if content_type.starts_with("multipart/form-data") {
+        let mut multipart = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        read_multipart(&state, &job_id, &mut multipart).await?
+    } else {
+        return Err(ApiError::UnsupportedMediaType(
+            "send application/json (image URLs) or multipart/form-data (image files)".into(),
+        ));
+    };
+    if images.is_empty() {
+        return Err(ApiError::Unprocessable("a job needs at least one image".into()));
+    }
+    if images.len() > state.config.max_images_per_job {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a job holds at most {} images",
+            state.config.max_images_per_job
+        )));
+    }
+    let n = images.len();
+    let submitted = state
+        .jobs
+        .submit(NewJob {
+            id: job_id.clone(),
+            vendor: vendor.0,
+            operations,
+            images,
+            idempotency_key,
+            traceparent: headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+        })
+        .await?;
+    if !submitted.created {
+        // An earlier submit with the same key made the job; drop our blobs.
+        state.blobs.delete_job(&job_id).await.ok();
+    }
+    let status = if submitted.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({
+            "job_id": submitted.job_id,
+            "status": "queued",
+            "images": n,
+            "status_url": format!("/api/image-queue/job/{}", submitted.job_id),
+        })),
+    )
+        .into_response())
+}
+
+fn hex_of(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+async fn read_multipart(
+    state: &AppState,
+    job_id: &str,
+    multipart: &mut Multipart,
+) -> Result<(Vec<Operation>, Vec<NewImage>), ApiError> {
+    let mut ops_field = None;
+    let mut record_ids = Vec::new();
+    let mut blobs = Vec::new();
+    let max = state.config.max_image_bytes;
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("images are limited to {max} bytes each"))
+        } else {
+            ApiError::BadRequest(format!("malformed multipart body: {}", e.body_text()))
+        }
+    };
+    let result = async {
+        while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
+            match field.name().unwrap_or("") {
+                "operations" => ops_field = Some(field.text().await.map_err(bad)?),
+                "record_id" => record_ids.push(field.text().await.map_err(bad)?),
+                "images" => {
+                    if blobs.len() >= state.config.max_images_per_job {
+                        return Err(ApiError::PayloadTooLarge(format!(
+                            "a job holds at most {} images",
+                            state.config.max_images_per_job
+                        )));
+                    }
+                    let mut data = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(bad)? {
+                        if data.len() as u64 + chunk.len() as u64 > max {
+                            return Err(ApiError::PayloadTooLarge(format!(
+                                "images are limited to {max} bytes each"
+                            )));
+                        }
+                        data.extend_from_slice(&chunk);
+                    }
+                    if !is_image(&data) {
+                        return Err(ApiError::UnsupportedMediaType(format!(
+                            "file {} is not a JPEG, PNG, WebP or GIF image",
+                            blobs.len() + 1
+                        )));
+                    }
+                    let key = blob_key(job_id, blobs.len() as u32, "original");
+                    state
+                        .blobs
+                        .put(&key, Bytes::from(data))
+                        .await
+                        .map_err(|e| ApiError::Internal(format!("storing an upload: {e}")))?;
+                    blobs.push(key);
+                }
+                other => {
+                    return Err(ApiError::Unprocessable(format!(
+                        "unknown field {other:?}: send images, record_id and operations"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let fail = |e| async {
+        state.blobs.delete_job(job_id).await.ok();
+        Err(e)
+    };
+    if let Err(e) = result {
+        return fail(e).await;
+    }
+    let ops = match parse_operations(ops_field.as_deref().unwrap_or("").split(',')) {
+        Ok(o) => o,
+        Err(e) => return fail(e).await,
+    };
+    if record_ids.len() != blobs.len() {
+        return fail(ApiError::Unprocessable(format!(
+            "{} images but {} record_id fields: send one record_id per image, in order",
+            blobs.len(),
+            record_ids.len()
+        )))
+        .await;
+    }
+    for r in &record_ids {
+        if let Err(e) = check_record_id(r) {
+            return fail(e).await;
+        }
+    }
+    let images = blobs
+        .into_iter()
+        .zip(record_ids)
+        .map(|(key, record_id)| NewImage {
+            source: Source::Blob(key),
+            record_id,
+        })
+        .collect();
+    Ok((ops, images))
+}
+
+/// `GET /api/image-queue/job/{id}`.
+pub async fn get_job(
+    State(state): State<AppState>,
+    vendor: Vendor,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state.jobs.get(Some(&vendor.0), &id).await?.ok_or(ApiError::NotFound)?;
+    Ok(Json(job).into_response())
+}
+
+/// `DELETE /api/image-queue/job/{id}`: cancel.
+pub async fn cancel(
+    State(state): State<AppState>,
+    vendor: Vendor,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.jobs.cancel(&vendor.0, &id).await? {
+        Cancelled::Yes => {}
+        Cancelled::NotFound => return Err(ApiError::NotFound),
+        Cancelled::AlreadyEnded => return Err(ApiError::Conflict("the job has already ended".into())),
+    }
+    let job = state.jobs.get(Some(&vendor.0), &id).await?.ok_or(ApiError::NotFound)?;
+    Ok(Json(job).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub status: Option<String>,
+    pub cursor: Option<u64>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /api/image-queue/jobs?status=&cursor=`: the caller's own jobs,
+/// newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    vendor: Vendor,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let mut jobs = Vec::new();
+    let mut cursor = q.cursor;
+    let mut next = None;
+    // Filtering by status may skip jobs: read pages until one is full.
+    'pages: for _ in 0..10 {
+        let ids = state.jobs.list_ids(&vendor.0, cursor, limit * 2).await?;
+        if ids.is_empty() {
+            break;
+        }
+        for (id, score) in &ids {
+            cursor = Some(*score);
+            if let Some(job) = state.jobs.get(Some(&vendor.0), id).await? {
+                let wanted = match q.status.as_deref() {
+                    None => true,
+                    Some("active") => !is_terminal(&job.status),
+                    Some(s) => job.status == s,
+                };
+                if wanted {
+                    jobs.push(job);
+                    if jobs.len() == limit {
+                        next = Some(*score);
+                        break 'pages;
+                    }
+                }
+            }
+        }
+        next = cursor;
+    }
+    Ok(Json(json!({"jobs": jobs, "next_cursor": if jobs.len() == limit { next } else { None }})).into_response())
+}
+
+/// `GET /api/image-queue/queue-stats`: per-stage stream figures.
+pub async fn queue_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let s = stats::collect(state.jobs.pipeline()).await?;
+    Ok(Json(s).into_response())
+}
+
+/// `GET /api/worker/health`: live workers; 503 if a stage has work and no
+/// live worker.
+pub async fn worker_health(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let s = stats::collect(state.jobs.pipeline()).await?;
+    let mut live: HashMap<&str, usize> = HashMap::new();
+    for w in &s.workers {
+        *live.entry(w.stage.as_str()).or_default() += 1;
+    }
+    let starved: Vec<&str> = s
+        .stages
+        .iter()
+        .filter(|st| (st.lag > 0 || st.pending > 0) && !live.contains_key(st.stage.as_str()))
+        .map(|st| st.stage.as_str())
+        .collect();
+    let status = if starved.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok((
+        status,
+        Json(json!({"healthy": starved.is_empty(), "stages_without_workers": starved, "workers": s.workers})),
+    )
+        .into_response())
+}
+
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when Redis answers.
+pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let mut conn = state.jobs.pipeline().conn.clone();
+    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+    Ok(Json(json!({"status": "ready"})).into_response())
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

@@ -1,0 +1,269 @@
+//! Jobs as the API sees them: submit, read, list and cancel.
+//!
+//! A job is one Redis hash holding the job's own fields and, per image,
+//! `<index>:<field>` entries that the stage scripts update as the image moves
+//! on. It expires after the retention period; so does the vendor's index.
+
+use std::collections::{BTreeMap, HashMap};
+
+use redis::AsyncCommands;
+use serde::Serialize;
+
+use crate::context::Pipeline;
+use crate::event::{EventKind, ImageEvent, Operation, Source, StageName, EVENT_VERSION};
+use crate::now_ms;
+
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub source: Source,
+    pub record_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// The job id; blobs uploaded before submitting are stored under it.
+    pub id: String,
+    pub vendor: String,
+    pub operations: Vec<Operation>,
+    pub images: Vec<NewImage>,
+    pub idempotency_key: Option<String>,
+    pub traceparent: Option<String>,
+}
+
+impl NewJob {
+    /// A new job id: time-ordered, so a vendor's jobs list in order.
+    pub fn new_id() -> String {
+        uuid::Uuid::now_v7().simple().to_string()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submitted {
+    pub job_id: String,
+    /// False when the idempotency key named an earlier job.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageView {
+    pub index: u32,
+    pub record_id: String,
+    pub stage: String,
+    pub status: String,
+    pub attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume_at_ms: Option<u64>,
+    pub outputs: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notes: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobView {
+    pub job_id: String,
+    #[serde(skip)]
+    pub vendor: String,
+    pub status: String,
+    pub operations: Vec<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<u64>,
+    pub total: u32,
+    pub completed: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub images: Vec<ImageView>,
+}
+
+impl JobView {
+    pub fn is_terminal(&self) -> bool {
+        is_terminal(&self.status)
+    }
+}
+
+pub fn is_terminal(status: &str) -> bool {
+    matches!(status, "completed" | "failed" | "partially_failed" | "cancelled")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    Yes,
+    NotFound,
+    AlreadyEnded,
+}
+
+/// Reads and writes job records.
+#[derive(Clone)]
+pub struct JobStore {
+    p: Pipeline,
+    retention_secs: u64,
+}
+
+impl JobStore {
+    pub fn new(p: Pipeline, retention_secs: u64) -> Self {
+        JobStore { p, retention_secs }
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.p
+    }
+
+    /// Records a job and queues its images, atomically.
+    pub async fn submit(&self, job: NewJob) -> redis::RedisResult<Submitted> {
+        let now = now_ms();
+        let keys = &self.p.keys;
+        let ops: Vec<&str> = job.operations.iter().map(|o| o.as_str()).collect();
+        let mut inv = self.p.scripts.submit.prepare_invoke();
+        inv.key(keys.job(&job.id))
+            .key(keys.stream(StageName::RateCheck))
+            .key(keys.vendor_jobs(&job.vendor))
+            .key(match &job.idempotency_key {
+                Some(k) => keys.idempotency(&job.vendor, k),
+                None => String::new(),
+            })
+            .arg(&job.id)
+            .arg(&job.vendor)
+            .arg(now)
+            .arg(self.retention_secs)
+            .arg(ops.join(","))
+            .arg(job.images.len());
+        for (i, img) in job.images.iter().enumerate() {
+            let event = ImageEvent {
+                v: EVENT_VERSION,
+                kind: EventKind::ImageSubmitted,
+                job: job.id.clone(),
+                vendor: job.vendor.clone(),
+                image: i as u32,
+                record_id: img.record_id.clone(),
+                ops: job.operations.clone(),
+                source: img.source.clone(),
+                working: None,
+                outputs: BTreeMap::new(),
+                notes: serde_json::Map::new(),
+                attempt: 0,
+                submitted_ms: now,
+                traceparent: job.traceparent.clone(),
+            };
+            inv.arg(&img.record_id).arg(event.to_json());
+        }
+        let mut conn = self.p.conn.clone();
+        let (job_id, created): (String, i64) = inv.invoke_async(&mut conn).await?;
+        Ok(Submitted {
+            job_id,
+            created: created == 1,
+        })
+    }
+
+    /// A job as its vendor sees it; `None` if it does not exist or belongs
+    /// to another vendor (the two are indistinguishable on purpose).
+    pub async fn get(&self, vendor: Option<&str>, id: &str) -> redis::RedisResult<Option<JobView>> {
+        if !valid_job_id(id) {
+            return Ok(None);
+        }
+        let mut conn = self.p.conn.clone();
+        let fields: HashMap<String, String> = conn.hgetall(self.p.keys.job(id)).await?;
+        let Some(view) = parse_job(&fields) else {
+            return Ok(None);
+        };
+        if vendor.is_some_and(|v| v != view.vendor) {
+            return Ok(None);
+        }
+        Ok(Some(view))
+    }
+
+    /// A vendor's job ids, newest first, `limit` from `before_ms` down.
+    pub async fn list_ids(
+        &self,
+        vendor: &str,
+        before_ms: Option<u64>,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(String, u64)>> {
+        let mut conn = self.p.conn.clone();
+        let max = before_ms.map(|b| format!("({b}")).unwrap_or_else(|| "+inf".into());
+        redis::cmd("ZRANGE")
+            .arg(self.p.keys.vendor_jobs(vendor))
+            .arg(max)
+            .arg("-inf")
+            .arg("BYSCORE")
+            .arg("REV")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .arg("WITHSCORES")
+            .query_async(&mut conn)
+            .await
+    }
+
+    pub async fn cancel(&self, vendor: &str, id: &str) -> redis::RedisResult<Cancelled> {
+        if !valid_job_id(id) {
+            return Ok(Cancelled::NotFound);
+        }
+        let mut conn = self.p.conn.clone();
+        let r: i64 = self
+            .p
+            .scripts
+            .cancel
+            .key(self.p.keys.job(id))
+            .arg(vendor)
+            .arg(now_ms())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match r {
+            1 => Cancelled::Yes,
+            -1 => Cancelled::AlreadyEnded,
+            _ => Cancelled::NotFound,
+        })
+    }
+}
+
+/// Job ids are ours (32 hex digits); anything else cannot name a job, and
+/// must never reach a key name.
+pub fn valid_job_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn parse_job(f: &HashMap<String, String>) -> Option<JobView> {
+    let num = |k: &str| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let total = num("images") as u32;
+    let images = (0..total)
+        .map(|i| {
+            let get = |field: &str| f.get(&format!("{i}:{field}")).cloned();
+            let outputs: BTreeMap<String, String> = get("outputs")
+                .and_then(|o| serde_json::from_str(&o).ok())
+                .unwrap_or_default();
+            ImageView {
+                index: i,
+                record_id: get("record").unwrap_or_default(),
+                stage: get("stage").unwrap_or_default(),
+                status: get("status").unwrap_or_default(),
+                attempts: get("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+                error: get("error").filter(|e| !e.is_empty()),
+                resume_at_ms: get("resume_ms")
+                    .and_then(|r| r.parse().ok())
+                    .filter(|_| get("status").as_deref() == Some("throttled")),
+                outputs,
+                notes: get("notes").and_then(|n| serde_json::from_str(&n).ok()),
+            }
+        })
+        .collect();
+    Some(JobView {
+        job_id: f.get("id")?.clone(),
+        vendor: f.get("vendor")?.clone(),
+        status: f.get("status")?.clone(),
+        operations: f
+            .get("ops")
+            .map(|o| o.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default(),
+        created_ms: num("created_ms"),
+        updated_ms: num("updated_ms"),
+        finished_ms: f.get("finished_ms").and_then(|v| v.parse().ok()),
+        total,
+        completed: num("done") as u32,
+        failed: num("failed") as u32,
+        skipped: num("skipped") as u32,
+        images,
+    })
+}

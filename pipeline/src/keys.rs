@@ -1,0 +1,105 @@
+//! Every Redis key the project uses, built in one place.
+//!
+//! All keys share one hash tag, `{<prefix>}`, so that the keys an atomic
+//! step touches (the stage's stream, the next stage's stream, the job record,
+//! the retry set, the dead-letter stream) always live in the same Redis
+//! Cluster slot. Sharding later means giving each shard its own tag, e.g.
+//! `{iq-3}`, and routing a job to one shard for its whole life: nothing here
+//! assumes a single tag.
+
+use crate::event::StageName;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    base: String,
+}
+
+impl Keys {
+    /// Keys under `prefix`, e.g. `iq` gives `{iq}:stream:resize`.
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            base: format!("{{{prefix}}}"),
+        }
+    }
+
+    /// The stream a stage consumes.
+    pub fn stream(&self, stage: StageName) -> String {
+        format!("{}:stream:{}", self.base, stage.as_str())
+    }
+
+    /// The consumer group of a stage on its stream.
+    pub fn group(&self, stage: StageName) -> &'static str {
+        stage.as_str()
+    }
+
+    /// Sorted set of events waiting for a retry (or a quota refill) at a
+    /// stage, scored by the millisecond they are due.
+    pub fn retries(&self, stage: StageName) -> String {
+        format!("{}:retry:{}", self.base, stage.as_str())
+    }
+
+    /// The dead-letter stream shared by all stages.
+    pub fn dead_letters(&self) -> String {
+        format!("{}:dead", self.base)
+    }
+
+    /// The hash holding one job's state and its images' states.
+    pub fn job(&self, job_id: &str) -> String {
+        format!("{}:job:{}", self.base, job_id)
+    }
+
+    /// Sorted set of a vendor's job ids, scored by creation time.
+    pub fn vendor_jobs(&self, vendor: &str) -> String {
+        format!("{}:vendor-jobs:{}", self.base, vendor)
+    }
+
+    /// Maps a vendor's `Idempotency-Key` to the job it created.
+    pub fn idempotency(&self, vendor: &str, key: &str) -> String {
+        format!("{}:idem:{}:{}", self.base, vendor, key)
+    }
+
+    /// Hash from the SHA-256 of a vendor API key to the vendor's id.
+    pub fn vendor_keys(&self) -> String {
+        format!("{}:vendor-keys", self.base)
+    }
+
+    /// Hash of live workers' heartbeats, keyed by consumer name.
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.base)
+    }
+
+    /// Pub/sub channel announcing each job that reached a terminal state.
+    pub fn finished_channel(&self) -> String {
+        format!("{}:finished", self.base)
+    }
+
+    /// Pub/sub channel carrying every image's stage transitions.
+    pub fn progress_channel(&self) -> String {
+        format!("{}:progress", self.base)
+    }
+
+    /// Per-stage counters of processed, failed, retried and dead-lettered
+    /// events, bucketed by minute for throughput figures.
+    pub fn counters(&self, stage: StageName) -> String {
+        format!("{}:counters:{}", self.base, stage.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_step_share_a_hash_tag() {
+        let k = Keys::new("iq");
+        for key in [
+            k.stream(StageName::Resize),
+            k.stream(StageName::Upload),
+            k.job("j1"),
+            k.retries(StageName::Resize),
+            k.dead_letters(),
+        ] {
+            assert!(key.starts_with("{iq}:"), "{key}");
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The Redis Streams pipeline of image-queue.
+//!
+//! This crate is the only code that speaks Redis Streams. It owns the event
+//! types that travel between stages, every Redis key ([`keys`]), the Lua
+//! scripts that make each hand-off atomic ([`scripts`]), the job records the
+//! API reads ([`jobs`]), and the [`runner`] that drives one stage: read a
+//! batch with `XREADGROUP`, call the stage's handler, then publish, retry or
+//! dead-letter the event in one atomic step.
+//!
+//! Stages themselves (in the `image-queue-stages` crate) only implement
+//! [`Stage`]: they get an event, do their work and return the next event.
+
+pub mod blob;
+pub mod context;
+pub mod event;
+pub mod jobs;
+pub mod keys;
+pub mod redis_server;
+pub mod retry;
+pub mod runner;
+pub mod scripts;
+pub mod stage;
+pub mod stats;
+
+pub use blob::{BlobStore, LocalBlobStore};
+pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};
+pub use jobs::{JobStore, JobView, NewImage, NewJob};
+pub use keys::Keys;
+pub use retry::RetryPolicy;
+pub use runner::{Pipeline, RunnerConfig};
+pub use stage::{ErrorClass, Outcome, Stage, StageError};
+
+/// Milliseconds since the Unix epoch, by this host's clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,840 @@
+//! The stage runner: drives one stage's handler from its stream.
+//!
+//! One reader per process reads batches with `XREADGROUP` on a connection of
+//! its own, only as many entries as it has free slots (so entries never sit
+//! in this consumer's pending list while other consumers idle). Each entry
+//! is handled in a task that renews its claim while it runs; its result is
+//! turned into one atomic script call: hand off to the next stage, complete
+//! the image, schedule a retry, or dead-letter it. Alongside, a maintenance
+//! loop promotes due retries, reclaims entries orphaned by dead consumers
+//! (`XAUTOCLAIM`), trims acknowledged entries, reaps idle consumers and
+//! publishes this worker's heartbeat.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+pub use crate::context::Pipeline;
+use crate::event::{ImageEvent, StageName};
+use crate::now_ms;
+use crate::retry::RetryPolicy;
+use crate::stage::{Outcome, Stage, StageError};
+
+/// How one stage runs in this process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// Events (or batches, for a batching stage) handled at once.
+    pub concurrency: usize,
+    /// How long one `XREADGROUP` blocks waiting for entries.
+    pub read_block_ms: u64,
+    /// An entry pending this long without its claim being renewed is taken
+    /// to be orphaned by a dead consumer and reclaimed by a live one.
+    pub claim_idle_ms: u64,
+    /// How often to look for orphaned entries.
+    pub reclaim_every_ms: u64,
+    pub retry: RetryPolicy,
+    /// Time one attempt at one event may take (60 s, as Bull's jobs had).
+    pub timeout_ms: u64,
+    /// On SIGTERM: how long in-flight work may take to finish.
+    pub shutdown_grace_ms: u64,
+    /// How often to trim acknowledged entries from the stream.
+    pub trim_every_ms: u64,
+    /// Consumers idle this long with nothing pending are removed.
+    pub reap_idle_ms: u64,
+    /// Dead-letter stream length kept (approximately).
+    pub dead_letter_max: u64,
+    /// An entry delivered this many times without finishing (its worker
+    /// keeps dying on it) is dead-lettered rather than reclaimed again.
+    pub max_deliveries: u64,
+    /// Blobs of jobs older than this are swept even if the job never ended.
+    pub blob_ttl_ms: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            concurrency: 4,
+            read_block_ms: 1_000,
+            claim_idle_ms: 30_000,
+            reclaim_every_ms: 2_000,
+            retry: RetryPolicy::default(),
+            timeout_ms: 60_000,
+            shutdown_grace_ms: 25_000,
+            trim_every_ms: 5_000,
+            reap_idle_ms: 3_600_000,
+            dead_letter_max: 100_000,
+            max_deliveries: 10,
+            blob_ttl_ms: 2 * 86_400_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One entry read from the stream.
+struct Delivery {
+    id: String,
+    payload: Option<String>,
+}
+
+/// What a worker tells the world about itself, every few seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub consumer: String,
+    pub stage: String,
+    pub host: String,
+    pub pid: u32,
+    pub concurrency: usize,
+    pub in_flight: usize,
+    pub last_seen_ms: u64,
+}
+
+pub struct StageRunner {
+    p: Pipeline,
+    stage: Arc<dyn Stage>,
+    name: StageName,
+    cfg: RunnerConfig,
+    consumer: String,
+    stream: String,
+    slots: Arc<Semaphore>,
+    in_flight: Mutex<HashSet<String>>,
+    handled: AtomicUsize,
+}
+
+/// A unique consumer name: host, pid and a random suffix, so two processes
+/// (or two runners of one stage in a process) never share a pending list.
+pub fn consumer_name() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "host".into());
+    format!("{host}-{}-{:06x}", std::process::id(), rand::random::<u32>() & 0xffffff)
+}
+
+/// Creates a stage's consumer group (and its stream) if missing.
+pub async fn ensure_group(p: &Pipeline, stage: StageName) -> redis::RedisResult<()> {
+    let mut conn = p.conn.clone();
+    let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(p.keys.stream(stage))
+        .arg(p.keys.group(stage))
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await;
+    match r {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+impl StageRunner {
+    pub fn new(p: Pipeline, stage: Arc<dyn Stage>, cfg: RunnerConfig) -> Arc<Self> {
+        let name = stage.name();
+        Arc::new(StageRunner {
+            stream: p.keys.stream(name),
+            p,
+            name,
+            slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            cfg,
+            stage,
+            consumer: consumer_name(),
+            in_flight: Mutex::new(HashSet::new()),
+            handled: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    fn group(&self) -> &'static str {
+        self.p.keys.group(self.name)
+    }
+
+    fn per_slot(&self) -> usize {
+        self.stage.batching().map(|b| b.max_events.max(1)).unwrap_or(1)
+    }
+
+    /// Runs until `shutdown` is cancelled, then stops reading, lets in-flight
+    /// work finish within the grace period and hands back what did not.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunnerError> {
+        ensure_group(&self.p, self.name).await?;
+        info!(stage = %self.name, consumer = %self.consumer, concurrency = self.cfg.concurrency, "worker started");
+        let mut tasks = JoinSet::new();
+        let maintenance = tokio::spawn(self.clone().maintain(shutdown.clone()));
+        let mut reader = self.p.blocking_connection().await?;
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore never closes"),
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = self.slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            // The read is not cancelled on shutdown: entries it returns are
+            // already in our pending list and must be handed back, not lost.
+            let entries = match self.read(&mut reader, permits.len()).await {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(stage = %self.name, error = %e, "reading the stream failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            if shutdown.is_cancelled() {
+                self.release(entries.iter().map(|d| d.id.clone()).collect()).await;
+                break;
+            }
+            self.dispatch(entries, permits, &mut tasks);
+            // Reap finished tasks so the set does not grow without bound.
+            while tasks.try_join_next().is_some() {}
+        }
+        info!(stage = %self.name, "stopping: finishing in-flight work");
+        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+            let left: Vec<String> = self.in_flight.lock().unwrap().drain().collect();
+            warn!(stage = %self.name, abandoned = left.len(), "grace period over; handing back unfinished entries");
+            self.release(left).await;
+        }
+        maintenance.await.ok();
+        let mut conn = self.p.conn.clone();
+        let _: redis::RedisResult<()> = conn.hdel(self.p.keys.workers(), &self.consumer).await;
+        info!(stage = %self.name, handled = self.handled.load(Ordering::Relaxed), "worker stopped");
+        Ok(())
+    }
+
+    /// Reads up to `slots` units of work; a batching stage waits up to its
+    /// `max_wait` for a batch to fill.
+    async fn read(
+        &self,
+        reader: &mut redis::aio::ConnectionManager,
+        slots: usize,
+    ) -> redis::RedisResult<Vec<Delivery>> {
+        let want = slots * self.per_slot();
+        let mut out = self.xreadgroup(reader, want, self.cfg.read_block_ms).await?;
+        if let Some(b) = self.stage.batching() {
+            let deadline = Instant::now() + b.max_wait;
+            while !out.is_empty() && out.len() < want {
+                let left = deadline.saturating_duration_since(Instant::now()).as_millis() as u64;
+                if left == 0 {
+                    break;
+                }
+                let more = self.xreadgroup(reader, want - out.len(), left).await?;
+                if more.is_empty() {
+                    break;
+                }
+                out.extend(more);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn xreadgroup(
+        &self,
+        reader: &mut redis::aio::ConnectionManager,
+        count: usize,
+        block_ms: u64,
+    ) -> redis::RedisResult<Vec<Delivery>> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(self.group())
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(block_ms)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(">")
+            .query_async(reader)
+            .await?;
+        Ok(reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).map(to_delivery).collect())
+            .unwrap_or_default())
+    }
+
+    fn dispatch(self: &Arc<Self>, entries: Vec<Delivery>, permits: Vec<OwnedSemaphorePermit>, tasks: &mut JoinSet<()>) {
+        let per = self.per_slot();
+        let mut permits = permits.into_iter();
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let unit: Vec<Delivery> = entries.by_ref().take(per).collect();
+            let permit = permits.next().expect("never read more than the free slots");
+            {
+                let mut f = self.in_flight.lock().unwrap();
+                f.extend(unit.iter().map(|d| d.id.clone()));
+            }
+            let me = self.clone();
+            tasks.spawn(async move {
+                me.process(unit).await;
+                drop(permit);
+            });
+        }
+        // Unused permits return to the semaphore here.
+    }
+
+    /// Handles one unit of work (one entry, or one batch) to its end.
+    async fn process(self: &Arc<Self>, unit: Vec<Delivery>) {
+        let ids: Vec<String> = unit.iter().map(|d| d.id.clone()).collect();
+        let renewal = tokio::spawn(self.clone().renew_claims(ids.clone()));
+        let mut events = Vec::with_capacity(unit.len());
+        for d in unit {
+            match d.payload.as_deref().map(ImageEvent::from_json) {
+                Some(Ok(ev)) => events.push((d.id, ev)),
+                Some(Err(e)) => self.dead_letter_raw(&d, &format!("undecodable event: {e}")).await,
+                None => self.dead_letter_raw(&d, "entry has no event").await,
+            }
+        }
+        if !events.is_empty() {
+            let results = self.call_handler(&events).await;
+            for ((id, ev), result) in events.into_iter().zip(results) {
+                let span =
+                    info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image, vendor = %ev.vendor);
+                self.finish(&id, ev, result).instrument(span).await;
+            }
+        }
+        renewal.abort();
+        let mut f = self.in_flight.lock().unwrap();
+        for id in &ids {
+            f.remove(id);
+        }
+    }
+
+    /// Calls the stage in a task of its own, so a panic is caught and a
+    /// timeout can stop it; both count as failed attempts.
+    async fn call_handler(&self, events: &[(String, ImageEvent)]) -> Vec<Result<Outcome, StageError>> {
+        let stage = self.stage.clone();
+        let n = events.len();
+        let first = &events[0].1;
+        let span = info_span!("handle", stage = %self.name, job = %first.job, image = first.image,
+            vendor = %first.vendor, attempt = first.attempt + 1, batch = n);
+        let batch: Vec<ImageEvent> = events.iter().map(|(_, e)| e.clone()).collect();
+        let batching = self.stage.batching().is_some();
+        let task = tokio::spawn(
+            async move {
+                if batching {
+                    stage.handle_batch(batch).await
+                } else {
+                    let mut out = Vec::with_capacity(n);
+                    for ev in batch {
+                        out.push(stage.handle(ev).await);
+                    }
+                    out
+                }
+            }
+            .instrument(span),
+        );
+        let abort = task.abort_handle();
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let all = |err: StageError| (0..n).map(|_| Err(err.clone())).collect();
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(results)) if results.len() == n => results,
+            Ok(Ok(results)) => all(StageError::permanent(format!(
+                "stage returned {} results for {n} events",
+                results.len()
+            ))),
+            Ok(Err(join)) => all(StageError::retryable(format!("handler panicked: {join}"))),
+            Err(_) => {
+                abort.abort();
+                all(StageError::retryable(format!(
+                    "timed out after {} ms",
+                    self.cfg.timeout_ms
+                )))
+            }
+        }
+    }
+
+    /// Keeps a long handler's entries from being reclaimed while it is alive,
+    /// by claiming them to ourselves again (which resets their idle time).
+    async fn renew_claims(self: Arc<Self>, ids: Vec<String>) {
+        let every = Duration::from_millis((self.cfg.claim_idle_ms / 3).max(10));
+        let mut conn = self.p.conn.clone();
+        loop {
+            tokio::time::sleep(every).await;
+            let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                .arg(&self.stream)
+                .arg(self.group())
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(&ids)
+                .arg("JUSTID")
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = r {
+                warn!(stage = %self.name, error = %e, "renewing a claim failed");
+            }
+        }
+    }
+
+    /// Turns a handler's result into one atomic step in Redis.
+    async fn finish(&self, id: &str, input: ImageEvent, result: Result<Outcome, StageError>) {
+        self.handled.fetch_add(1, Ordering::Relaxed);
+        let step = match result {
+            Ok(Outcome::Done(mut ev)) => {
+                ev.kind = self.name.done_kind();
+                ev.attempt = 0;
+                match self.name.next(&ev.ops) {
+                    Some(next) => Step::Handoff(next, ev),
+                    None => Step::Complete(ev),
+                }
+            }
+            Ok(Outcome::Deferred {
+                event,
+                until_ms,
+                reason,
+            }) => Step::Retry {
+                due_ms: until_ms,
+                status: "throttled",
+                reason,
+                attempts: event.attempt,
+                event,
+            },
+            Err(err) => {
+                let failed = input.attempt + 1;
+                if err.is_retryable() && self.cfg.retry.may_retry(failed) {
+                    let mut delay = self.cfg.retry.delay(failed);
+                    if let Some(after) = err.retry_after {
+                        delay = delay.max(after);
+                    }
+                    debug!(stage = %self.name, error = %err, failed, ?delay, "retrying later");
+                    let mut event = input;
+                    event.attempt = failed;
+                    Step::Retry {
+                        due_ms: now_ms() + delay.as_millis() as u64,
+                        status: "retrying",
+                        reason: err.message,
+                        attempts: failed,
+                        event,
+                    }
+                } else {
+                    warn!(stage = %self.name, error = %err, failed, "dead-lettering");
+                    Step::Dead {
+                        error: err.message,
+                        attempts: failed,
+                        event: input,
+                    }
+                }
+            }
+        };
+        // Redis may be briefly unreachable (a restart, a failover): keep
+        // trying rather than redo finished work. If it stays away, the entry
+        // stays pending and is reclaimed later; nothing is acknowledged early.
+        let attempt = || async { self.apply(id, &step).await };
+        let r = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(40),
+            )
+            .await;
+        match r {
+            Ok(closed) if closed => {
+                if let Some(job) = step.job() {
+                    if let Err(e) = self.p.blobs.delete_job(job).await {
+                        warn!(job, error = %e, "removing a finished job's blobs failed");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error!(stage = %self.name, entry = id, error = %e, "could not record a result; the entry stays pending")
+            }
+        }
+    }
+
+    /// Runs the script for a step; true if it closed the job.
+    async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<bool> {
+        let keys = &self.p.keys;
+        let s = &self.p.scripts;
+        let mut conn = self.p.conn.clone();
+        let now = now_ms();
+        let finished = keys.finished_channel();
+        match step {
+            Step::Handoff(next, ev) => {
+                let _: i64 = s
+                    .handoff
+                    .key(&self.stream)
+                    .key(keys.stream(*next))
+                    .key(keys.job(&ev.job))
+                    .arg(self.group())
+                    .arg(id)
+                    .arg(ev.to_json())
+                    .arg(ev.image)
+                    .arg(next.as_str())
+                    .arg(now)
+                    .arg(&finished)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(false)
+            }
+            Step::Complete(ev) => {
+                let outputs: std::collections::BTreeMap<&str, &str> = ev
+                    .outputs
+                    .iter()
+                    .filter_map(|(k, o)| o.url.as_deref().map(|u| (k.as_str(), u)))
+                    .collect();
+                let r: i64 = s
+                    .complete
+                    .key(&self.stream)
+                    .key(keys.job(&ev.job))
+                    .arg(self.group())
+                    .arg(id)
+                    .arg(ev.image)
+                    .arg(serde_json::to_string(&outputs).unwrap_or_default())
+                    .arg(now)
+                    .arg(&finished)
+                    .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(r == 1)
+            }
+            Step::Retry {
+                due_ms,
+                status,
+                reason,
+                attempts,
+                event,
+            } => {
+                let _: i64 = s
+                    .retry
+                    .key(&self.stream)
+                    .key(keys.retries(self.name))
+                    .key(keys.job(&event.job))
+                    .arg(self.group())
+                    .arg(id)
+                    .arg(event.to_json())
+                    .arg(due_ms)
+                    .arg(event.image)
+                    .arg(*status)
+                    .arg(reason)
+                    .arg(attempts)
+                    .arg(now)
+                    .arg(&finished)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(false)
+            }
+            Step::Dead { error, attempts, event } => {
+                let r: i64 = s
+                    .dead
+                    .key(&self.stream)
+                    .key(keys.dead_letters())
+                    .key(keys.job(&event.job))
+                    .arg(self.group())
+                    .arg(id)
+                    .arg(event.to_json())
+                    .arg(event.image)
+                    .arg(self.name.as_str())
+                    .arg(error)
+                    .arg(attempts)
+                    .arg(now)
+                    .arg(self.cfg.dead_letter_max)
+                    .arg(&finished)
+                    .arg(&event.job)
+                    .arg(&event.vendor)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(r == 1)
+            }
+        }
+    }
+
+    /// Dead-letters an entry whose event cannot even be read.
+    async fn dead_letter_raw(&self, d: &Delivery, why: &str) {
+        error!(stage = %self.name, entry = %d.id, why, "dead-lettering an unreadable entry");
+        let mut conn = self.p.conn.clone();
+        let r: redis::RedisResult<i64> = self
+            .p
+            .scripts
+            .dead
+            .key(&self.stream)
+            .key(self.p.keys.dead_letters())
+            .key(self.p.keys.job("unknown"))
+            .arg(self.group())
+            .arg(&d.id)
+            .arg(d.payload.as_deref().unwrap_or(""))
+            .arg(0)
+            .arg(self.name.as_str())
+            .arg(why)
+            .arg(1)
+            .arg(now_ms())
+            .arg(self.cfg.dead_letter_max)
+            .arg(self.p.keys.finished_channel())
+            .arg("")
+            .arg("")
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = r {
+            error!(error = %e, "dead-lettering failed; the entry stays pending");
+        }
+    }
+
+    /// Hands entries back without acknowledging them: marks them long idle,
+    /// so that a live consumer's next reclaim takes them at once.
+    async fn release(&self, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut conn = self.p.conn.clone();
+        let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(self.group())
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(&ids)
+            .arg("IDLE")
+            .arg(self.cfg.claim_idle_ms.saturating_mul(1000))
+            .arg("JUSTID")
+            .query_async(&mut conn)
+            .await;
+        match r {
+            Ok(_) => info!(stage = %self.name, count = ids.len(), "handed back unfinished entries"),
+            Err(e) => {
+                warn!(stage = %self.name, error = %e, "handing back entries failed; they will be reclaimed after the idle time")
+            }
+        }
+    }
+
+    /// The background chores of a worker, until shutdown.
+    async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        let mut cursor = "0-0".to_string();
+        let reclaim_every = Duration::from_millis(self.cfg.reclaim_every_ms);
+        let trim_every = Duration::from_millis(self.cfg.trim_every_ms);
+        let mut next_reclaim = Instant::now() + reclaim_every;
+        let mut next_trim = Instant::now() + trim_every;
+        let mut next_beat = Instant::now();
+        let mut next_reap = Instant::now() + Duration::from_secs(60);
+        let mut next_sweep = Instant::now() + Duration::from_secs(600);
+        loop {
+            let mut wait = Duration::from_millis(250);
+            match self.promote().await {
+                Ok(Some(due)) => wait = wait.min(Duration::from_millis(due.saturating_sub(now_ms()).max(5))),
+                Ok(None) => {}
+                Err(e) => debug!(error = %e, "promoting retries failed"),
+            }
+            let now = Instant::now();
+            if now >= next_reclaim {
+                next_reclaim = now + reclaim_every;
+                if let Err(e) = self.reclaim(&mut cursor, &mut tasks).await {
+                    debug!(error = %e, "reclaiming failed");
+                }
+            }
+            if now >= next_trim {
+                next_trim = now + trim_every;
+                let mut conn = self.p.conn.clone();
+                let r: redis::RedisResult<i64> = self.p.scripts.trim.key(&self.stream).invoke_async(&mut conn).await;
+                match r {
+                    Ok(n) if n > 0 => debug!(stage = %self.name, trimmed = n, "trimmed"),
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "trimming failed"),
+                }
+            }
+            if now >= next_beat {
+                next_beat = now + Duration::from_secs(2);
+                self.heartbeat().await;
+            }
+            if now >= next_reap {
+                next_reap = now + Duration::from_secs(60);
+                let mut conn = self.p.conn.clone();
+                let r: redis::RedisResult<i64> = self
+                    .p
+                    .scripts
+                    .reap_consumers
+                    .key(&self.stream)
+                    .arg(self.group())
+                    .arg(self.cfg.reap_idle_ms)
+                    .arg(&self.consumer)
+                    .invoke_async(&mut conn)
+                    .await;
+                if let Ok(n) = r {
+                    if n > 0 {
+                        info!(stage = %self.name, removed = n, "removed idle consumers");
+                    }
+                }
+            }
+            if now >= next_sweep && self.name == StageName::RateCheck {
+                next_sweep = now + Duration::from_secs(600);
+                match self.p.blobs.sweep(Duration::from_millis(self.cfg.blob_ttl_ms)).await {
+                    Ok(n) if n > 0 => info!(removed = n, "swept expired blobs"),
+                    _ => {}
+                }
+            }
+            while tasks.try_join_next().is_some() {}
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // Reclaimed work still running belongs to the shutdown's grace too.
+        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
+        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+        }
+    }
+
+    /// Moves due retries back onto the stream; returns when the next is due.
+    async fn promote(&self) -> redis::RedisResult<Option<u64>> {
+        let mut conn = self.p.conn.clone();
+        let (_moved, next): (i64, i64) = self
+            .p
+            .scripts
+            .promote
+            .key(self.p.keys.retries(self.name))
+            .key(&self.stream)
+            .arg(now_ms())
+            .arg(200)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((next >= 0).then_some(next as u64))
+    }
+
+    /// Takes over entries left pending by consumers that stopped renewing
+    /// them (they died), as many as there are free slots.
+    async fn reclaim(self: &Arc<Self>, cursor: &mut String, tasks: &mut JoinSet<()>) -> redis::RedisResult<()> {
+        let mut permits = Vec::new();
+        while let Ok(p) = self.slots.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        if permits.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.p.conn.clone();
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(&self.stream)
+            .arg(self.group())
+            .arg(&self.consumer)
+            .arg(self.cfg.claim_idle_ms)
+            .arg(&*cursor)
+            .arg("COUNT")
+            .arg(permits.len() * self.per_slot())
+            .query_async(&mut conn)
+            .await?;
+        *cursor = reply.next_stream_id.clone();
+        if !reply.deleted_ids.is_empty() {
+            warn!(stage = %self.name, count = reply.deleted_ids.len(), "pending entries had been deleted from the stream");
+        }
+        if reply.claimed.is_empty() {
+            return Ok(());
+        }
+        // How often has each been delivered? An entry whose workers keep
+        // dying on it is a poison pill: dead-letter it instead of looping.
+        let mut pipe = redis::pipe();
+        for e in &reply.claimed {
+            pipe.cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(self.group())
+                .arg(&e.id)
+                .arg(&e.id)
+                .arg(1);
+        }
+        let counts: Vec<Vec<(String, String, u64, u64)>> = pipe.query_async(&mut conn).await?;
+        let mut fresh = Vec::new();
+        for (entry, info) in reply.claimed.into_iter().zip(counts) {
+            let delivered = info.first().map(|i| i.3).unwrap_or(0);
+            let d = to_delivery(entry);
+            if delivered > self.cfg.max_deliveries {
+                let why = format!("delivered {delivered} times without finishing; its workers kept dying on it");
+                match d.payload.as_deref().map(ImageEvent::from_json) {
+                    Some(Ok(ev)) => {
+                        let attempts = ev.attempt + 1;
+                        self.finish(&d.id, ev, Err(StageError::permanent(why))).await;
+                        let _ = attempts;
+                    }
+                    _ => self.dead_letter_raw(&d, &why).await,
+                }
+            } else {
+                fresh.push(d);
+            }
+        }
+        if !fresh.is_empty() {
+            info!(stage = %self.name, count = fresh.len(), "reclaimed orphaned entries");
+            self.dispatch(fresh, permits, tasks);
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&self) {
+        let beat = Heartbeat {
+            consumer: self.consumer.clone(),
+            stage: self.name.as_str().to_string(),
+            host: hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_default(),
+            pid: std::process::id(),
+            concurrency: self.cfg.concurrency,
+            in_flight: self.cfg.concurrency.saturating_sub(self.slots.available_permits()),
+            last_seen_ms: now_ms(),
+        };
+        let mut conn = self.p.conn.clone();
+        let _: redis::RedisResult<()> = conn
+            .hset(
+                self.p.keys.workers(),
+                &self.consumer,
+                serde_json::to_string(&beat).unwrap_or_default(),
+            )
+            .await;
+    }
+}
+
+enum Step {
+    Handoff(StageName, ImageEvent),
+    Complete(ImageEvent),
+    Retry {
+        due_ms: u64,
+        status: &'static str,
+        reason: String,
+        attempts: u32,
+        event: ImageEvent,
+    },
+    Dead {
+        error: String,
+        attempts: u32,
+        event: ImageEvent,
+    },
+}
+
+impl Step {
+    fn job(&self) -> Option<&str> {
+        match self {
+            Step::Complete(ev) | Step::Dead { event: ev, .. } => Some(&ev.job),
+            _ => None,
+        }
+    }
+}
+
+fn to_delivery(entry: StreamId) -> Delivery {
+    Delivery {
+        payload: entry.get::<String>("e"),
+        id: entry.id,
+    }
+}

@@ -1,0 +1,17 @@
+-- Gives up on an image: acknowledge it, append it to the dead-letter stream
+-- with why and when, and record the failure on its job.
+-- KEYS: this stage's stream, dead-letter stream, job
+-- ARGV: group, entry id, event payload, image index, stage, error,
+--       attempts, now ms, dead-letter max length, finished channel,
+--       job id, vendor
+-- Returns 1 if the job closed, 0 if not, -1 for a duplicate delivery.
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*',
+  'stage', ARGV[5], 'job', ARGV[11], 'vendor', ARGV[12], 'image', ARGV[4],
+  'error', ARGV[6], 'attempts', ARGV[7], 'failed_ms', ARGV[8], 'e', ARGV[3])
+if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
+local i = ARGV[4]
+redis.call('HSET', KEYS[3], i .. ':status', 'failed', i .. ':error', ARGV[6],
+  i .. ':attempts', ARGV[7], 'updated_ms', ARGV[8])
+redis.call('HINCRBY', KEYS[3], 'failed', 1)
+return close_job_if_done(KEYS[3], ARGV[8], ARGV[10])

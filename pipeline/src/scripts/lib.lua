@@ -1,0 +1,29 @@
+-- Helpers shared by the scripts; prepended to each when it is loaded.
+
+-- Closes the job if every image has reached an end (done, failed or
+-- skipped), announcing it on the finished channel. Returns 1 if it closed.
+local function close_job_if_done(job, now, channel)
+  local v = redis.call('HMGET', job, 'images', 'done', 'failed', 'skipped', 'status', 'id')
+  local n = tonumber(v[1] or '0')
+  local done, failed, skipped = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0')
+  if n == 0 or done + failed + skipped < n then return 0 end
+  local status = v[5]
+  if status ~= 'cancelled' then
+    if failed == 0 then status = 'completed'
+    elseif done == 0 then status = 'failed'
+    else status = 'partially_failed' end
+  end
+  redis.call('HSET', job, 'status', status, 'finished_ms', now, 'updated_ms', now)
+  redis.call('PUBLISH', channel, v[6] .. ' ' .. status)
+  return 1
+end
+
+-- For a cancelled job: records the image as skipped instead of moving it
+-- on. Returns true if the job was cancelled.
+local function skip_if_cancelled(job, i, status, now, channel)
+  if status ~= 'cancelled' then return false end
+  redis.call('HSET', job, i .. ':status', 'cancelled', 'updated_ms', now)
+  redis.call('HINCRBY', job, 'skipped', 1)
+  close_job_if_done(job, now, channel)
+  return true
+end

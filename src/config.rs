@@ -1,0 +1,257 @@
+//! The one configuration of every command: a TOML file, overridden by
+//! `IMAGE_QUEUE_*` environment variables, overridden by flags.
+//!
+//! Environment variables name a key by its path, upper-cased, with `__`
+//! between levels: `IMAGE_QUEUE_REDIS_URL` sets `redis_url`,
+//! `IMAGE_QUEUE_PIPELINE__TIMEOUT_MS` sets `pipeline.timeout_ms`,
+//! `IMAGE_QUEUE_CONCURRENCY__BG_REMOVAL` sets `concurrency.bg-removal`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use image_queue_api::ApiConfig;
+use image_queue_pipeline::{RunnerConfig, StageName};
+use image_queue_stages::decode::DecodeLimits;
+use image_queue_stages::{BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the API listens (the seed's port).
+    pub listen: String,
+    /// The URL clients reach the API at; result URLs start with it.
+    /// Empty: `http://<listen>`.
+    pub public_url: String,
+    /// Data of the embedded Redis, SQLite, blobs and media.
+    pub data_dir: PathBuf,
+    /// Redis to use. Empty: `up` starts its own `redis-server` under
+    /// `data_dir`; the other commands need one.
+    pub redis_url: String,
+    /// Fsync policy of the embedded Redis: `always` or `everysec`.
+    pub redis_fsync: String,
+    /// Results database: `sqlite://…`, `mysql://…` or `postgres://…`.
+    /// Empty: SQLite under `data_dir`.
+    pub database_url: String,
+    /// Prefix (and hash tag) of every Redis key.
+    pub key_prefix: String,
+    /// The admin key for operator routes. Empty: admin routes refuse all.
+    pub admin_key: String,
+    /// How long job records are kept, in seconds.
+    pub job_retention_secs: u64,
+    /// Blobs between stages. Empty: `<data_dir>/blobs`.
+    pub blob_dir: PathBuf,
+    /// Local upload backend's directory. Empty: `<data_dir>/media`.
+    pub media_dir: PathBuf,
+    /// Events (batches for db-commit) handled at once, per stage, per process.
+    pub concurrency: BTreeMap<String, usize>,
+    pub pipeline: RunnerConfig,
+    pub api: ApiConfig,
+    pub fetch: FetchConfig,
+    pub decode: DecodeLimits,
+    pub rate_check: RateCheckConfig,
+    pub bg_removal: BgRemovalConfig,
+    pub face_crop: FaceCropConfig,
+    pub resize: ResizeConfig,
+    pub db_commit: DbCommitConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let concurrency = StageName::ALL
+            .into_iter()
+            .map(|s| (s.as_str().to_string(), default_concurrency(s)))
+            .collect();
+        Config {
+            listen: "127.0.0.1:3001".into(),
+            public_url: String::new(),
+            data_dir: PathBuf::from("./data"),
+            redis_url: String::new(),
+            redis_fsync: "always".into(),
+            database_url: String::new(),
+            key_prefix: "iq".into(),
+            admin_key: String::new(),
+            job_retention_secs: 7 * 86_400,
+            blob_dir: PathBuf::new(),
+            media_dir: PathBuf::new(),
+            concurrency,
+            pipeline: RunnerConfig::default(),
+            api: ApiConfig::default(),
+            fetch: FetchConfig::default(),
+            decode: DecodeLimits::default(),
+            rate_check: RateCheckConfig::default(),
+            bg_removal: BgRemovalConfig::default(),
+            face_crop: FaceCropConfig::default(),
+            resize: ResizeConfig::default(),
+            db_commit: DbCommitConfig::default(),
+        }
+    }
+}
+
+/// The seed's concurrency: 3 bg-removal, 3 face-crop, 5 image processing.
+fn default_concurrency(stage: StageName) -> usize {
+    match stage {
+        StageName::RateCheck => 4,
+        StageName::BgRemoval => 3,
+        StageName::FaceCrop => 3,
+        StageName::Resize => 5,
+        StageName::Upload => 8,
+        StageName::DbCommit => 2,
+    }
+}
+
+impl Config {
+    /// Reads the file (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Config> {
+        let mut tree = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in std::env::vars() {
+            let Some(path) = name.strip_prefix("IMAGE_QUEUE_") else {
+                continue;
+            };
+            if path == "CONFIG" || path.is_empty() {
+                continue;
+            }
+            set_path(&mut tree, path, &value)?;
+        }
+        let config: Config = toml::Value::Table(tree).try_into().context("invalid configuration")?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        for (stage, n) in &self.concurrency {
+            if StageName::parse(stage).is_none() {
+                bail!("concurrency.{stage}: no such stage (stages: rate-check, bg-removal, face-crop, resize, upload, db-commit)");
+            }
+            if *n == 0 {
+                bail!("concurrency.{stage} must be at least 1");
+            }
+        }
+        if !matches!(self.redis_fsync.as_str(), "always" | "everysec") {
+            bail!("redis_fsync must be always or everysec");
+        }
+        Ok(())
+    }
+
+    pub fn concurrency(&self, stage: StageName) -> usize {
+        self.concurrency
+            .get(stage.as_str())
+            .copied()
+            .unwrap_or_else(|| default_concurrency(stage))
+    }
+
+    pub fn runner(&self, stage: StageName) -> RunnerConfig {
+        RunnerConfig {
+            concurrency: self.concurrency(stage),
+            ..self.pipeline.clone()
+        }
+    }
+
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}/image-queue.db?mode=rwc", self.data_dir.display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        if self.blob_dir.as_os_str().is_empty() {
+            self.data_dir.join("blobs")
+        } else {
+            self.blob_dir.clone()
+        }
+    }
+
+    pub fn media_dir(&self) -> PathBuf {
+        if self.media_dir.as_os_str().is_empty() {
+            self.data_dir.join("media")
+        } else {
+            self.media_dir.clone()
+        }
+    }
+
+    pub fn public_url(&self) -> String {
+        if self.public_url.is_empty() {
+            format!("http://{}", self.listen)
+        } else {
+            self.public_url.trim_end_matches('/').to_string()
+        }
+    }
+}
+
+/// Sets `a__b__c` (upper-case, `_` inside names) in a TOML tree. Stage
+/// names under `concurrency` use dashes, the rest underscores.
+fn set_path(tree: &mut toml::Table, path: &str, raw: &str) -> anyhow::Result<()> {
+    let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+    let mut table = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let key = if i > 0 && parts[0] == "concurrency" {
+            part.replace('_', "-")
+        } else {
+            part.clone()
+        };
+        if i == parts.len() - 1 {
+            let value = parse_scalar(raw);
+            table.insert(key, value);
+            return Ok(());
+        }
+        let entry = table
+            .entry(key.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .with_context(|| format!("IMAGE_QUEUE_{path}: {key} is not a section"))?;
+    }
+    Ok(())
+}
+
+fn parse_scalar(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    if let Ok(f) = raw.parse::<f64>() {
+        return toml::Value::Float(f);
+    }
+    match raw {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => {
+            // Lists and tables may be given in TOML syntax.
+            if raw.starts_with('[') || raw.starts_with('{') {
+                if let Ok(t) = format!("v = {raw}").parse::<toml::Table>() {
+                    if let Some(v) = t.get("v") {
+                        return v.clone();
+                    }
+                }
+            }
+            toml::Value::String(raw.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_paths_reach_nested_keys() {
+        let mut t = toml::Table::new();
+        set_path(&mut t, "PIPELINE__TIMEOUT_MS", "500").unwrap();
+        set_path(&mut t, "CONCURRENCY__BG_REMOVAL", "6").unwrap();
+        set_path(&mut t, "REDIS_URL", "redis://x/").unwrap();
+        let c: Config = toml::Value::Table(t).try_into().unwrap();
+        assert_eq!(c.pipeline.timeout_ms, 500);
+        assert_eq!(c.concurrency(StageName::BgRemoval), 6);
+        assert_eq!(c.concurrency(StageName::Resize), 5);
+        assert_eq!(c.redis_url, "redis://x/");
+    }
+}

@@ -1,0 +1,354 @@
+//! `image-queue`: one binary for every role.
+//!
+//! `up` runs everything in one process on embedded defaults; `api` runs the
+//! HTTP API alone; `worker --stage X` runs one stage, on any host, as many
+//! times as a hot stage needs; the rest are operator tools.
+
+mod config;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use image_queue_api::{app, ApiConfig, AppState, Auth};
+use image_queue_pipeline::redis_server::{Fsync, RedisServer};
+use image_queue_pipeline::runner::StageRunner;
+use image_queue_pipeline::{stats, BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
+use image_queue_stages::{fetch::Fetcher, StageContext, UploadConfig};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "image-queue",
+    version,
+    about = "Image processing queue for multivendor marketplaces, on Redis Streams"
+)]
+struct Cli {
+    /// Configuration file (TOML). Every key can also be set by an
+    /// IMAGE_QUEUE_* environment variable (see docs/CONFIG.md).
+    #[arg(long, global = true, env = "IMAGE_QUEUE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when none is given.
+    #[arg(long, global = true, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Results database: sqlite://…, mysql://… or postgres://… (default: SQLite under the data directory).
+    #[arg(long, global = true, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Directory of the embedded Redis, SQLite, blobs and media (default ./data).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process: Redis (embedded unless --redis-url), the API and every stage.
+    Up {
+        /// Address the API listens on (default 127.0.0.1:3001, the seed's port).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the HTTP API alone.
+    Api {
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run one stage's worker; start more, on any host, to scale a hot stage.
+    Worker {
+        /// rate-check, bg-removal, face-crop, resize, upload or db-commit.
+        #[arg(long)]
+        stage: String,
+        /// Events handled at once by this process (default per stage: the seed's 3/3/5).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Manage vendors' API keys.
+    Vendors {
+        #[command(subcommand)]
+        action: VendorAction,
+    },
+    /// Print the pipeline's stats once, as JSON.
+    Stats,
+    /// Print the effective configuration as TOML.
+    Config,
+}
+
+#[derive(Subcommand)]
+enum VendorAction {
+    /// Create a key for a vendor; prints the key alone, once.
+    Add { vendor: String },
+    /// List vendors with keys.
+    List,
+    /// Revoke all of a vendor's keys.
+    Revoke { vendor: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = Config::load(cli.config.as_deref())?;
+    if let Some(url) = &cli.redis_url {
+        config.redis_url = url.clone();
+    }
+    if let Some(url) = &cli.database_url {
+        config.database_url = url.clone();
+    }
+    if let Some(dir) = &cli.data_dir {
+        config.data_dir = dir.clone();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Up { listen } => {
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            up(config).await
+        }
+        Command::Api { listen } => {
+            if let Some(l) = listen {
+                config.listen = l;
+            }
+            let p = connect(&config).await?;
+            let shutdown = shutdown_on_signal();
+            serve_api(&config, p, shutdown).await
+        }
+        Command::Worker { stage, concurrency } => {
+            let name = StageName::parse(&stage).with_context(|| {
+                format!("no stage {stage:?}: rate-check, bg-removal, face-crop, resize, upload or db-commit")
+            })?;
+            if let Some(c) = concurrency {
+                if c == 0 {
+                    bail!("--concurrency must be at least 1");
+                }
+                config.concurrency.insert(name.as_str().into(), c);
+            }
+            let p = connect(&config).await?;
+            let shutdown = shutdown_on_signal();
+            let stage = build_stage(name, &config, &p).await?;
+            StageRunner::new(p, stage, config.runner(name)).run(shutdown).await?;
+            Ok(())
+        }
+        Command::Migrate => {
+            std::fs::create_dir_all(&config.data_dir).ok();
+            image_queue_stages::db_commit::connect(&config.database_url(), 1)
+                .await
+                .context("connecting to the database")?;
+            info!("migrations applied");
+            Ok(())
+        }
+        Command::Vendors { action } => {
+            let p = connect(&config).await?;
+            let auth = Auth::new(p, None);
+            match action {
+                VendorAction::Add { vendor } => {
+                    let key = auth.add_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("{key}");
+                }
+                VendorAction::List => {
+                    for (v, n) in auth.list_vendors().await.map_err(|e| anyhow::anyhow!("{e}"))? {
+                        println!("{v}\t{n} key(s)");
+                    }
+                }
+                VendorAction::Revoke { vendor } => {
+                    let n = auth.revoke_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    eprintln!("revoked {n} key(s) of {vendor}");
+                }
+            }
+            Ok(())
+        }
+        Command::Stats => {
+            let p = connect(&config).await?;
+            let s = stats::collect(&p).await?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+        Command::Config => {
+            print!("{}", toml::to_string_pretty(&config)?);
+            Ok(())
+        }
+    }
+}
+
+async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
+    if config.redis_url.is_empty() {
+        bail!("no Redis given: pass --redis-url or set REDIS_URL (only `up` starts its own)");
+    }
+    let blobs: Arc<dyn BlobStore> = Arc::new(
+        LocalBlobStore::new(config.blob_dir())
+            .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
+    );
+    Pipeline::connect(&config.redis_url, &config.key_prefix, blobs)
+        .await
+        .with_context(|| format!("connecting to Redis at {}", redact(&config.redis_url)))
+}
+
+/// A URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "(unparseable URL)".into(),
+    }
+}
+
+async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::Result<Arc<dyn Stage>> {
+    let fetcher: Fetcher = config.fetch.build().map_err(|e| anyhow::anyhow!(e))?;
+    let ctx = StageContext {
+        blobs: p.blobs.clone(),
+        fetcher: Arc::new(fetcher),
+    };
+    let limits = config.decode.clone();
+    Ok(match name {
+        StageName::RateCheck => Arc::new(config.rate_check.build()),
+        StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx, limits)),
+        StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
+        StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
+        StageName::Upload => Arc::new(
+            UploadConfig::Local {
+                dir: config.media_dir(),
+                public_base_url: format!("{}/media", config.public_url()),
+            }
+            .build(ctx),
+        ),
+        StageName::DbCommit => Arc::new(
+            config
+                .db_commit
+                .build(&config.database_url())
+                .await
+                .with_context(|| "connecting to the results database")?,
+        ),
+    })
+}
+
+async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
+    let state = AppState {
+        jobs: JobStore::new(p.clone(), config.job_retention_secs),
+        blobs: p.blobs.clone(),
+        auth: Auth::new(p.clone(), admin),
+        config: ApiConfig { ..config.api.clone() },
+        media_dir: Some(config.media_dir()),
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    info!(listen = %listener.local_addr()?, "API listening");
+    axum::serve(
+        listener,
+        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await?;
+    Ok(())
+}
+
+async fn up(mut config: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let mut embedded = None;
+    if config.redis_url.is_empty() {
+        let fsync = if config.redis_fsync == "everysec" {
+            Fsync::EverySec
+        } else {
+            Fsync::Always
+        };
+        let server = RedisServer::start(&config.data_dir.join("redis"), fsync).await?;
+        info!(url = %server.url(), "started an embedded redis-server");
+        config.redis_url = server.url();
+        embedded = Some(server);
+    }
+    let p = connect(&config).await?;
+    let shutdown = shutdown_on_signal();
+    let demo_key = demo_vendor(&config, &p).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in StageName::ALL {
+        let stage = build_stage(name, &config, &p).await?;
+        let runner = StageRunner::new(p.clone(), stage, config.runner(name));
+        let s = shutdown.clone();
+        tasks.spawn(async move { runner.run(s).await.map_err(anyhow::Error::from) });
+    }
+    {
+        let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
+        tasks.spawn(async move { serve_api(&config, p, s).await });
+    }
+    if let Some(key) = demo_key {
+        let base = config.public_url();
+        println!(
+            "\nimage-queue is up at {base}/\n\nSubmit a job as the demo vendor:\n\n  curl -s -X POST {base}/api/image-queue/jobs \\\n    -H 'Authorization: Bearer {key}' \\\n    -F images=@photo.jpg -F record_id=sku-1 -F operations=bg-removal,face-crop,resize\n\nThen follow it with: curl -s -H 'Authorization: Bearer {key}' {base}/api/image-queue/job/<job_id>\n(the demo key is kept in {})\n",
+            config.data_dir.join("demo-vendor.key").display()
+        );
+    }
+    let mut result = Ok(());
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "a component failed; shutting down");
+                shutdown.cancel();
+                result = Err(e);
+            }
+            Err(e) => {
+                shutdown.cancel();
+                result = Err(e.into());
+            }
+        }
+    }
+    if let Some(mut server) = embedded {
+        server.stop().await.ok();
+    }
+    result
+}
+
+/// On first run, creates the `demo` vendor and keeps its key in the data
+/// directory so `up` can show a ready-to-paste command every time.
+async fn demo_vendor(config: &Config, p: &Pipeline) -> anyhow::Result<Option<String>> {
+    let path = config.data_dir.join("demo-vendor.key");
+    if let Ok(key) = std::fs::read_to_string(&path) {
+        return Ok(Some(key.trim().to_string()));
+    }
+    let key = Auth::new(p.clone(), None)
+        .add_vendor("demo")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(&path, &key)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).ok();
+    }
+    Ok(Some(key))
+}
+
+/// Cancelled on the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+        }
+        t.cancel();
+    });
+    token
+}

@@ -1,0 +1,144 @@
+//! bg-removal: cuts the subject out of its background, leaving a
+//! transparent PNG as the working image.
+//!
+//! The engine is chosen in config. `border-key` removes the background
+//! colour connected to the image's border (a flood fill within a colour
+//! tolerance): exact and fast for product shots on a plain backdrop, which
+//! is most of what marketplaces get.
+
+use std::collections::VecDeque;
+use std::io::Cursor;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
+use image_queue_pipeline::{ImageEvent, Outcome, Stage, StageError, StageName};
+use serde::{Deserialize, Serialize};
+
+use crate::decode::{decode, DecodeLimits};
+use crate::{cpu, StageContext};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "engine", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BgRemovalConfig {
+    /// Flood-fills the backdrop from the border.
+    BorderKey {
+        /// Largest colour distance (0–441) still counted as backdrop.
+        #[serde(default = "default_tolerance")]
+        tolerance: f32,
+    },
+}
+
+fn default_tolerance() -> f32 {
+    40.0
+}
+
+impl Default for BgRemovalConfig {
+    fn default() -> Self {
+        BgRemovalConfig::BorderKey {
+            tolerance: default_tolerance(),
+        }
+    }
+}
+
+impl BgRemovalConfig {
+    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> BgRemovalStage {
+        BgRemovalStage {
+            ctx,
+            limits,
+            config: self.clone(),
+        }
+    }
+}
+
+pub struct BgRemovalStage {
+    ctx: StageContext,
+    limits: DecodeLimits,
+    config: BgRemovalConfig,
+}
+
+#[async_trait]
+impl Stage for BgRemovalStage {
+    fn name(&self) -> StageName {
+        StageName::BgRemoval
+    }
+
+    async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
+        let bytes = self.ctx.working_image(&event).await?;
+        let limits = self.limits.clone();
+        let BgRemovalConfig::BorderKey { tolerance } = self.config;
+        let png = cpu("bg-removal", move || {
+            let img = decode(&bytes, &limits)?;
+            let cut = border_key(&img, tolerance);
+            let mut out = Vec::new();
+            DynamicImage::ImageRgba8(cut)
+                .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+                .map_err(|e| StageError::permanent(format!("encoding the cutout: {e}")))?;
+            Ok(Bytes::from(out))
+        })
+        .await?;
+        self.ctx.put_working(&mut event, "cutout.png", png).await?;
+        event.notes.insert("bg_engine".into(), "border-key".into());
+        Ok(Outcome::Done(event))
+    }
+}
+
+/// Makes transparent every pixel connected to the border whose colour is
+/// within `tolerance` of the border's average colour.
+pub fn border_key(img: &DynamicImage, tolerance: f32) -> RgbaImage {
+    let mut rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut sum = [0f64; 3];
+    let mut n = 0f64;
+    let border = (0..w)
+        .flat_map(|x| [(x, 0), (x, h - 1)])
+        .chain((0..h).flat_map(|y| [(0, y), (w - 1, y)]));
+    for (x, y) in border.clone() {
+        let p = rgba.get_pixel(x, y);
+        for c in 0..3 {
+            sum[c] += p[c] as f64;
+        }
+        n += 1.0;
+    }
+    let key = [sum[0] / n, sum[1] / n, sum[2] / n];
+    let near = |p: &Rgba<u8>| {
+        let d: f64 = (0..3).map(|c| (p[c] as f64 - key[c]).powi(2)).sum();
+        d.sqrt() <= tolerance as f64
+    };
+    let mut seen = vec![false; (w * h) as usize];
+    let mut queue: VecDeque<(u32, u32)> = border.filter(|&(x, y)| near(rgba.get_pixel(x, y))).collect();
+    while let Some((x, y)) = queue.pop_front() {
+        let i = (y * w + x) as usize;
+        if seen[i] {
+            continue;
+        }
+        seen[i] = true;
+        rgba.get_pixel_mut(x, y)[3] = 0;
+        let neighbours = [(x.wrapping_sub(1), y), (x + 1, y), (x, y.wrapping_sub(1)), (x, y + 1)];
+        for (nx, ny) in neighbours {
+            if nx < w && ny < h && !seen[(ny * w + nx) as usize] && near(rgba.get_pixel(nx, ny)) {
+                queue.push_back((nx, ny));
+            }
+        }
+    }
+    rgba
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backdrop_goes_transparent_and_subject_stays() {
+        let mut img = RgbaImage::from_pixel(40, 40, Rgba([250, 250, 250, 255]));
+        for y in 10..30 {
+            for x in 10..30 {
+                img.put_pixel(x, y, Rgba([200, 30, 30, 255]));
+            }
+        }
+        let cut = border_key(&DynamicImage::ImageRgba8(img), 40.0);
+        assert_eq!(cut.get_pixel(0, 0)[3], 0);
+        assert_eq!(cut.get_pixel(39, 39)[3], 0);
+        assert_eq!(cut.get_pixel(20, 20)[3], 255);
+    }
+}

@@ -1,0 +1,311 @@
+//! Fetching vendors' image URLs without letting them reach our network.
+//!
+//! Every address a host name resolves to is checked before connecting (our
+//! resolver refuses loopback, private, link-local, CGNAT, multicast,
+//! unspecified, IPv4-mapped and NAT64 addresses), IP-literal hosts are
+//! checked too (they never reach a resolver), and so is every redirect, at
+//! most three. No proxy is taken from the environment. The body is capped
+//! while it streams, whatever Content-Length claims. A configured allow-list
+//! of networks admits on-premise image hosts (and tests' local servers).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use image_queue_pipeline::StageError;
+use ipnet::IpNet;
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// Networks (CIDR) admitted even though they are private; empty by default.
+    pub allow_networks: Vec<String>,
+    pub connect_timeout_ms: u64,
+    pub total_timeout_ms: u64,
+    /// Largest image fetched, in bytes.
+    pub max_bytes: u64,
+    pub max_redirects: usize,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            allow_networks: Vec::new(),
+            connect_timeout_ms: 5_000,
+            total_timeout_ms: 30_000,
+            max_bytes: 25 * 1024 * 1024,
+            max_redirects: 3,
+        }
+    }
+}
+
+impl FetchConfig {
+    pub fn build(&self) -> Result<Fetcher, String> {
+        let allow = self
+            .allow_networks
+            .iter()
+            .map(|n| {
+                n.parse::<IpNet>()
+                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|e| format!("fetch.allow_networks: {n:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy = Arc::new(AddressPolicy { allow });
+        let redirect_policy = policy.clone();
+        let max_redirects = self.max_redirects;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .dns_resolver(Arc::new(CheckedResolver { policy: policy.clone() }))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() > max_redirects {
+                    return attempt.error(format!("more than {max_redirects} redirects"));
+                }
+                match check_url(attempt.url(), &redirect_policy) {
+                    Ok(()) => attempt.follow(),
+                    Err(e) => attempt.error(e),
+                }
+            }))
+            .connect_timeout(Duration::from_millis(self.connect_timeout_ms))
+            .timeout(Duration::from_millis(self.total_timeout_ms))
+            .user_agent(concat!("image-queue/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Fetcher {
+            client,
+            policy,
+            max_bytes: self.max_bytes,
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct AddressPolicy {
+    allow: Vec<IpNet>,
+}
+
+impl AddressPolicy {
+    /// Why an address may not be reached, or `None` if it may.
+    pub fn refuse(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.allow.iter().any(|n| n.contains(&ip)) {
+            return None;
+        }
+        forbidden_reason(ip)
+    }
+}
+
+/// Why an address is never a vendor's image host.
+pub fn forbidden_reason(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => forbidden_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return forbidden_v4(v4).or(Some("an IPv4-mapped IPv6 address"));
+            }
+            let seg = v6.segments();
+            if v6.is_loopback() {
+                Some("a loopback address")
+            } else if v6.is_unspecified() {
+                Some("the unspecified address")
+            } else if v6.is_multicast() {
+                Some("a multicast address")
+            } else if seg[0] & 0xfe00 == 0xfc00 {
+                Some("a unique-local (private) address")
+            } else if seg[0] & 0xffc0 == 0xfe80 {
+                Some("a link-local address")
+            } else if seg[0] == 0x64 && seg[1] == 0xff9b {
+                Some("a NAT64 address")
+            } else if seg[0] == 0 && seg[1] == 0 && seg[2] == 0 && seg[3] == 0 && seg[4] == 0 && seg[5] == 0 {
+                Some("an IPv4-compatible IPv6 address")
+            } else if seg[0] == 0x2002 {
+                Some("a 6to4 address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let o = ip.octets();
+    if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_private() {
+        Some("a private address")
+    } else if ip.is_link_local() {
+        Some("a link-local address (cloud metadata lives there)")
+    } else if o[0] == 100 && (o[1] & 0xc0) == 64 {
+        Some("a carrier-grade NAT address")
+    } else if ip.is_unspecified() || o[0] == 0 {
+        Some("the unspecified network")
+    } else if ip.is_multicast() || o[0] >= 240 || ip.is_broadcast() {
+        Some("a multicast or reserved address")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("an IETF protocol address")
+    } else if (o[0] == 198 && (o[1] & 0xfe) == 18) || (o[0] == 192 && o[1] == 0 && o[2] == 2) {
+        Some("a benchmarking or documentation address")
+    } else {
+        None
+    }
+}
+
+fn check_url(url: &reqwest::Url, policy: &AddressPolicy) -> Result<(), String> {
+    match url.scheme() {
+        "http" | "https" => {}
+        other => return Err(format!("only http and https URLs are fetched, not {other}:")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("URLs with credentials are not fetched".into());
+    }
+    match url.host() {
+        None => Err("the URL has no host".into()),
+        Some(url::Host::Ipv4(ip)) => match policy.refuse(IpAddr::V4(ip)) {
+            Some(why) => Err(format!("{ip} is {why}; it is not fetched")),
+            None => Ok(()),
+        },
+        Some(url::Host::Ipv6(ip)) => match policy.refuse(IpAddr::V6(ip)) {
+            Some(why) => Err(format!("{ip} is {why}; it is not fetched")),
+            None => Ok(()),
+        },
+        Some(url::Host::Domain(_)) => Ok(()),
+    }
+}
+
+/// Resolves names, then drops every address we may not reach; a name with
+/// no reachable address fails, so the connection is never attempted.
+struct CheckedResolver {
+    policy: Arc<AddressPolicy>,
+}
+
+impl Resolve for CheckedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let host = name.as_str().to_string();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.refuse(a.ip()) {
+                    Some(why) => {
+                        refused = Some(format!("{host} resolves to {}, {why}; it is not fetched", a.ip()));
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            if allowed.is_empty() {
+                let msg = refused.unwrap_or_else(|| format!("{host} has no address"));
+                return Err(Box::new(ForbiddenAddress(msg)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+#[derive(Debug)]
+struct ForbiddenAddress(String);
+
+impl std::fmt::Display for ForbiddenAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ForbiddenAddress {}
+
+pub struct Fetcher {
+    client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+    max_bytes: u64,
+}
+
+impl Fetcher {
+    /// Fetches an image URL. Refusals and 4xx are permanent; network
+    /// faults, timeouts and 5xx are worth retrying.
+    pub async fn fetch(&self, url: &str) -> Result<Bytes, StageError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| StageError::permanent(format!("invalid URL: {e}")))?;
+        check_url(&parsed, &self.policy).map_err(StageError::permanent)?;
+        let resp = self.client.get(parsed).send().await.map_err(classify)?;
+        let status = resp.status();
+        if status.is_client_error() {
+            return Err(StageError::permanent(format!("fetching the image: HTTP {status}")));
+        }
+        if !status.is_success() {
+            return Err(StageError::retryable(format!("fetching the image: HTTP {status}")));
+        }
+        if resp.content_length().is_some_and(|n| n > self.max_bytes) {
+            return Err(StageError::permanent(format!(
+                "the image is larger than {} bytes",
+                self.max_bytes
+            )));
+        }
+        let mut body = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(classify)?;
+            if body.len() as u64 + chunk.len() as u64 > self.max_bytes {
+                return Err(StageError::permanent(format!(
+                    "the image is larger than {} bytes",
+                    self.max_bytes
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+}
+
+/// Retryable unless the fault is our refusal to connect or a bad redirect.
+fn classify(e: reqwest::Error) -> StageError {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    let mut refused = e.is_redirect() || e.is_builder();
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        if s.downcast_ref::<ForbiddenAddress>().is_some() {
+            refused = true;
+        }
+        source = s.source();
+    }
+    if refused || text.contains("is not fetched") {
+        StageError::permanent(format!("fetching the image: {text}"))
+    } else {
+        StageError::retryable(format!("fetching the image: {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_addresses_are_refused() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "fc00::1",
+            "fe80::1",
+            "64:ff9b::7f00:1",
+            "ff02::1",
+        ] {
+            assert!(forbidden_reason(ip.parse().unwrap()).is_some(), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946"] {
+            assert!(forbidden_reason(ip.parse().unwrap()).is_none(), "{ip}");
+        }
+    }
+}
