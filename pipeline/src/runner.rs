@@ -190,14 +190,32 @@ impl StageRunner {
             }
             // The read is not cancelled on shutdown: entries it returns are
             // already in our pending list and must be handed back, not lost.
-            let entries = match self.read(&mut reader, permits.len()).await {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!(stage = %self.name, error = %e, "reading the stream failed; retrying");
+            // A read that outlives its BLOCK by far is on a dead connection
+            // (Redis restarted under it): drop that connection for a new one.
+            let limit = Duration::from_millis(self.cfg.read_block_ms * 2 + 5_000);
+            let read = tokio::time::timeout(limit, self.read(&mut reader, permits.len())).await;
+            let entries = match read {
+                Ok(Ok(e)) => e,
+                failed => {
+                    drop(permits);
+                    match failed {
+                        Ok(Err(e)) if e.code() == Some("NOGROUP") => {
+                            // The stream or group is gone (Redis lost its data,
+                            // or someone deleted it): create it again.
+                            warn!(stage = %self.name, "consumer group missing; creating it again");
+                            ensure_group(&self.p, self.name).await.ok();
+                        }
+                        Ok(Err(e)) => warn!(stage = %self.name, error = %e, "reading the stream failed; retrying"),
+                        _ => warn!(stage = %self.name, "a read hung; reconnecting"),
+                    }
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
+                    if let Ok(fresh) = self.p.blocking_connection().await {
+                        reader = fresh;
+                    }
+                    continue;
                 }
             };
             if shutdown.is_cancelled() {
@@ -622,11 +640,10 @@ impl StageRunner {
 
     /// The background chores of a worker, until shutdown.
     async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tasks = JoinSet::new();
-        let mut cursor = "0-0".to_string();
-        let reclaim_every = Duration::from_millis(self.cfg.reclaim_every_ms);
+        // Reclaiming waits for free slots, so it runs on its own and never
+        // delays promoting due retries.
+        let reclaimer = tokio::spawn(self.clone().reclaim_loop(shutdown.clone()));
         let trim_every = Duration::from_millis(self.cfg.trim_every_ms);
-        let mut next_reclaim = Instant::now() + reclaim_every;
         let mut next_trim = Instant::now() + trim_every;
         let mut next_beat = Instant::now();
         let mut next_reap = Instant::now() + Duration::from_secs(60);
@@ -639,12 +656,6 @@ impl StageRunner {
                 Err(e) => debug!(error = %e, "promoting retries failed"),
             }
             let now = Instant::now();
-            if now >= next_reclaim {
-                next_reclaim = now + reclaim_every;
-                if let Err(e) = self.reclaim(&mut cursor, &mut tasks).await {
-                    debug!(error = %e, "reclaiming failed");
-                }
-            }
             if now >= next_trim {
                 next_trim = now + trim_every;
                 let mut conn = self.p.conn.clone();
@@ -685,11 +696,33 @@ impl StageRunner {
                     _ => {}
                 }
             }
-            while tasks.try_join_next().is_some() {}
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
             }
+        }
+        reclaimer.await.ok();
+    }
+
+    /// Reclaims orphaned entries every `reclaim_every_ms`, until shutdown.
+    async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tasks = JoinSet::new();
+        let mut cursor = "0-0".to_string();
+        let every = Duration::from_millis(self.cfg.reclaim_every_ms);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.reclaim(&mut cursor, &mut tasks) => {
+                    if let Err(e) = r {
+                        debug!(error = %e, "reclaiming failed");
+                    }
+                }
+            }
+            while tasks.try_join_next().is_some() {}
         }
         // Reclaimed work still running belongs to the shutdown's grace too.
         let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
@@ -720,12 +753,16 @@ impl StageRunner {
     /// Takes over entries left pending by consumers that stopped renewing
     /// them (they died), as many as there are free slots.
     async fn reclaim(self: &Arc<Self>, cursor: &mut String, tasks: &mut JoinSet<()>) -> redis::RedisResult<()> {
-        let mut permits = Vec::new();
+        // The reader holds every free slot while it blocks, so wait for one
+        // (the semaphore is fair: a waiter is served before the reader's next
+        // turn) rather than finding none and never reclaiming.
+        let wait = Duration::from_millis(self.cfg.read_block_ms + 1_000);
+        let Ok(first) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await else {
+            return Ok(());
+        };
+        let mut permits = vec![first.expect("semaphore never closes")];
         while let Ok(p) = self.slots.clone().try_acquire_owned() {
             permits.push(p);
-        }
-        if permits.is_empty() {
-            return Ok(());
         }
         let mut conn = self.p.conn.clone();
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
@@ -792,7 +829,7 @@ impl StageRunner {
                 .unwrap_or_default(),
             pid: std::process::id(),
             concurrency: self.cfg.concurrency,
-            in_flight: self.cfg.concurrency.saturating_sub(self.slots.available_permits()),
+            in_flight: self.in_flight.lock().map(|f| f.len()).unwrap_or(0),
             last_seen_ms: now_ms(),
         };
         let mut conn = self.p.conn.clone();

@@ -1,0 +1,268 @@
+//! The pipeline's delivery guarantees, each against a real redis-server of
+//! its own: jobs flow end to end, failures retry with backoff and then
+//! dead-letter, a live long handler keeps its claim, trimming spares pending
+//! entries, and a Redis killed mid-run loses no accepted job.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use common::*;
+use image_queue_pipeline::redis_server::Fsync;
+use image_queue_pipeline::runner::StageRunner;
+use image_queue_pipeline::{ImageEvent, Operation, Outcome, RetryPolicy, Stage, StageError, StageName};
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_jobs_of_three_images_complete_each_committed_once() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let mut finished = env.finished_listener().await;
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let started = Instant::now();
+    let ids = env.submit("vendor-a", 100, 3, &ALL_OPS, 64).await;
+    finished.wait(&ids, Duration::from_secs(240)).await;
+    let elapsed = started.elapsed();
+    let views = env.wait_terminal(&ids, Duration::from_secs(10)).await;
+    for v in &views {
+        assert_eq!(v.status, "completed", "{v:?}");
+        assert_eq!((v.completed, v.failed, v.skipped), (3, 0, 0));
+        for img in &v.images {
+            assert_eq!(img.outputs.len(), 3, "three variants: {img:?}");
+        }
+    }
+    let rows = env.results_rows().await;
+    let unique: HashSet<_> = rows.iter().collect();
+    assert_eq!(rows.len(), 100 * 3 * 3, "one row per job, image and variant");
+    assert_eq!(unique.len(), rows.len(), "no result committed twice");
+    println!(
+        "end to end: 300 images in {:.2?}: {:.1} jobs/s, {:.1} images/s",
+        elapsed,
+        100.0 / elapsed.as_secs_f64(),
+        300.0 / elapsed.as_secs_f64()
+    );
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}
+
+/// A stage that fails every time, recording when it was called.
+struct AlwaysFails {
+    calls: Mutex<Vec<Instant>>,
+}
+
+#[async_trait]
+impl Stage for AlwaysFails {
+    fn name(&self) -> StageName {
+        StageName::RateCheck
+    }
+
+    async fn handle(&self, _event: ImageEvent) -> Result<Outcome, StageError> {
+        self.calls.lock().unwrap().push(Instant::now());
+        Err(StageError::retryable("the service behind this stage is down"))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_handler_is_dead_lettered_after_three_attempts_with_backoff() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let stage = Arc::new(AlwaysFails {
+        calls: Mutex::new(Vec::new()),
+    });
+    let cfg = image_queue_pipeline::RunnerConfig {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_ms: 300,
+            factor: 2.0,
+            max_ms: 10_000,
+            jitter: 0.2,
+        },
+        ..fast_runner(2)
+    };
+    let shutdown = CancellationToken::new();
+    let runner = StageRunner::new(env.pipeline.clone(), stage.clone(), cfg);
+    let task = tokio::spawn(runner.run(shutdown.clone()));
+    let mut finished = env.finished_listener().await;
+    let ids = env.submit("vendor-a", 1, 1, &[Operation::Resize], 16).await;
+    finished.wait(&ids, Duration::from_secs(20)).await;
+
+    let calls = stage.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 3, "exactly three attempts");
+    let gaps: Vec<u128> = calls.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    println!("gaps between attempts: {gaps:?} ms (nominal 300, 600 ±20%)");
+    assert!((240..=420).contains(&gaps[0]), "first gap {} ms", gaps[0]);
+    assert!((480..=780).contains(&gaps[1]), "second gap {} ms", gaps[1]);
+
+    let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+    assert_eq!(job.status, "failed");
+    assert_eq!(job.images[0].status, "failed");
+    assert_eq!(job.images[0].attempts, 3);
+    assert_eq!(
+        job.images[0].error.as_deref(),
+        Some("the service behind this stage is down")
+    );
+
+    let mut conn = env.pipeline.conn.clone();
+    let dead: redis::streams::StreamRangeReply = conn.xrange_all(env.pipeline.keys.dead_letters()).await.unwrap();
+    assert_eq!(dead.ids.len(), 1);
+    let entry = &dead.ids[0];
+    assert_eq!(entry.get::<String>("stage").as_deref(), Some("rate-check"));
+    assert_eq!(entry.get::<String>("attempts").as_deref(), Some("3"));
+    assert_eq!(entry.get::<String>("job"), Some(ids[0].clone()));
+    assert!(entry.get::<String>("failed_ms").is_some());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A stage whose first call takes several claim-idle periods.
+struct SlowOnce {
+    calls: AtomicUsize,
+    work: Duration,
+}
+
+#[async_trait]
+impl Stage for SlowOnce {
+    fn name(&self) -> StageName {
+        StageName::RateCheck
+    }
+
+    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // Simulated long work, not synchronisation.
+        tokio::time::sleep(self.work).await;
+        Ok(Outcome::Done(event))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_handler_that_renews_its_claim_is_not_handed_to_another_consumer() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let stage = Arc::new(SlowOnce {
+        calls: AtomicUsize::new(0),
+        work: Duration::from_millis(3_000),
+    });
+    let cfg = image_queue_pipeline::RunnerConfig {
+        claim_idle_ms: 600,
+        reclaim_every_ms: 100,
+        ..fast_runner(2)
+    };
+    let shutdown = CancellationToken::new();
+    // Two consumers of one stage, both reclaiming eagerly.
+    let a = tokio::spawn(StageRunner::new(env.pipeline.clone(), stage.clone(), cfg.clone()).run(shutdown.clone()));
+    let b = tokio::spawn(StageRunner::new(env.pipeline.clone(), stage.clone(), cfg).run(shutdown.clone()));
+    let ids = env.submit("vendor-a", 1, 2, &[Operation::Resize], 16).await;
+    // The events reach the next stage's stream once handled.
+    let next = env.pipeline.keys.stream(StageName::Resize);
+    let mut conn = env.pipeline.conn.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let len: usize = conn.xlen(&next).await.unwrap();
+        if len == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "events never handed off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        stage.calls.load(Ordering::SeqCst),
+        2,
+        "each event handled once, never reclaimed while alive"
+    );
+    let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+    assert!(job.images.iter().all(|i| i.stage == "resize"));
+    shutdown.cancel();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn trimming_never_removes_a_pending_or_undelivered_entry() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let p = &env.pipeline;
+    let stream = p.keys.stream(StageName::Resize);
+    image_queue_pipeline::runner::ensure_group(p, StageName::Resize)
+        .await
+        .unwrap();
+    let mut conn = p.conn.clone();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let id: String = conn.xadd(&stream, "*", &[("e", i.to_string())]).await.unwrap();
+        ids.push(id);
+    }
+    // Deliver the first six; acknowledge 0, 1, 2 and 4; 3 and 5 stay pending;
+    // 6..9 are undelivered.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("resize")
+        .arg("c1")
+        .arg("COUNT")
+        .arg(6)
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: i64 = conn
+        .xack(&stream, "resize", &[&ids[0], &ids[1], &ids[2], &ids[4]])
+        .await
+        .unwrap();
+    let trimmed: i64 = p.scripts.trim.key(&stream).invoke_async(&mut conn).await.unwrap();
+    assert_eq!(trimmed, 3, "entries below the oldest pending one go");
+    let left: redis::streams::StreamRangeReply = conn.xrange_all(&stream).await.unwrap();
+    let left: Vec<&str> = left.ids.iter().map(|e| e.id.as_str()).collect();
+    for keep in [3, 5, 6, 7, 8, 9] {
+        assert!(left.contains(&ids[keep].as_str()), "entry {keep} must survive");
+    }
+    // Once everything is acknowledged, only undelivered entries remain.
+    let _: i64 = conn.xack(&stream, "resize", &[&ids[3], &ids[5]]).await.unwrap();
+    let _: i64 = p.scripts.trim.key(&stream).invoke_async(&mut conn).await.unwrap();
+    let left: redis::streams::StreamRangeReply = conn.xrange_all(&stream).await.unwrap();
+    assert_eq!(left.ids.len(), 4);
+    assert_eq!(left.ids[0].id, ids[6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted_loses_no_accepted_job() {
+    let mut env = TestEnv::start(Fsync::Always).await;
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let ids = env.submit("vendor-a", 60, 2, &[Operation::Resize], 48).await;
+    // Kill Redis once some work is done and much is not.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done = env
+            .jobs
+            .get(None, &ids[ids.len() / 3])
+            .await
+            .ok()
+            .flatten()
+            .map(|v| v.completed)
+            .unwrap_or(0);
+        let any_done = env.jobs.get(None, &ids[0]).await.unwrap().unwrap().completed > 0;
+        if any_done || done > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    env.redis.kill().await.unwrap();
+    let killed = Instant::now();
+    env.redis.restart().await.unwrap();
+    let views = env.wait_terminal(&ids, Duration::from_secs(120)).await;
+    println!("all jobs terminal {:.2?} after the kill", killed.elapsed());
+    for v in &views {
+        assert_eq!(v.status, "completed", "{v:?}");
+        assert_eq!(v.completed, 2);
+    }
+    let rows = env.results_rows().await;
+    let unique: HashSet<_> = rows.iter().collect();
+    assert_eq!(rows.len(), 60 * 2 * 3);
+    assert_eq!(unique.len(), rows.len());
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}
