@@ -43,10 +43,13 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
 }
 
+/// `XPENDING` summary: count, lowest id, highest id, per-consumer counts.
+type PendingSummary = (usize, Option<String>, Option<String>, Option<Vec<(String, String)>>);
+
 /// Entries pending at a stage for the consumer of process `pid`.
 async fn pending_of(env: &TestEnv, stage: StageName, pid: u32) -> usize {
     let mut conn = env.pipeline.conn.clone();
-    let summary: (usize, Option<String>, Option<String>, Option<Vec<(String, String)>>) = redis::cmd("XPENDING")
+    let summary: PendingSummary = redis::cmd("XPENDING")
         .arg(env.pipeline.keys.stream(stage))
         .arg(stage.as_str())
         .query_async(&mut conn)
