@@ -83,7 +83,12 @@ enum Command {
 #[derive(Subcommand)]
 enum VendorAction {
     /// Create a key for a vendor; prints the key alone, once.
-    Add { vendor: String },
+    Add {
+        vendor: String,
+        /// Images per turn in fair scheduling (default 1).
+        #[arg(long)]
+        weight: Option<u32>,
+    },
     /// List vendors with keys.
     List,
     /// Revoke all of a vendor's keys.
@@ -154,10 +159,15 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         }
         Command::Vendors { action } => {
             let p = connect(&config).await?;
-            let auth = Auth::new(p, None);
+            let auth = Auth::new(p.clone(), None);
             match action {
-                VendorAction::Add { vendor } => {
+                VendorAction::Add { vendor, weight } => {
                     let key = auth.add_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    if let Some(w) = weight {
+                        JobStore::new(p, config.job_retention_secs)
+                            .set_weight(&vendor, w)
+                            .await?;
+                    }
                     println!("{key}");
                 }
                 VendorAction::List => {

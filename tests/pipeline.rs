@@ -266,3 +266,88 @@ async fn redis_killed_and_restarted_loses_no_accepted_job() {
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
 }
+
+/// A stage that does nothing but take `work` per image.
+struct Noop {
+    name: StageName,
+    work: Duration,
+}
+
+#[async_trait]
+impl Stage for Noop {
+    fn name(&self) -> StageName {
+        self.name
+    }
+
+    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        if !self.work.is_zero() {
+            // Simulated image work, not synchronisation.
+            tokio::time::sleep(self.work).await;
+        }
+        Ok(Outcome::Done(event))
+    }
+}
+
+async fn run_noop_pipeline(
+    env: &TestEnv,
+    cfg: image_queue_pipeline::RunnerConfig,
+    resize_work: Duration,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinSet<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for name in [
+        StageName::RateCheck,
+        StageName::Resize,
+        StageName::Upload,
+        StageName::DbCommit,
+    ] {
+        let work = if name == StageName::Resize {
+            resize_work
+        } else {
+            Duration::ZERO
+        };
+        let runner = StageRunner::new(env.pipeline.clone(), Arc::new(Noop { name, work }), cfg.clone());
+        let s = shutdown.clone();
+        set.spawn(async move { runner.run(s).await.unwrap() });
+    }
+    set
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vendors_single_image_is_not_buried_under_another_vendors_backlog() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let cfg = image_queue_pipeline::RunnerConfig {
+        admission_window: 8,
+        ..fast_runner(4)
+    };
+    let shutdown = CancellationToken::new();
+    let mut stages = run_noop_pipeline(&env, cfg, Duration::from_millis(10), &shutdown).await;
+    let mut finished = env.finished_listener().await;
+
+    // B alone.
+    let started = Instant::now();
+    let b_alone = env.submit("vendor-b", 1, 1, &[Operation::Resize], 8).await;
+    finished.wait(&b_alone, Duration::from_secs(30)).await;
+    let alone = started.elapsed();
+
+    // A's backlog of 2,000 images, then B's one image.
+    let a = env.submit("vendor-a", 20, 100, &[Operation::Resize], 8).await;
+    let started = Instant::now();
+    let b = env.submit("vendor-b", 1, 1, &[Operation::Resize], 8).await;
+    finished.wait(&b, Duration::from_secs(60)).await;
+    let behind = started.elapsed();
+    let mut a_done = 0;
+    for id in &a {
+        a_done += env.jobs.get(None, id).await.unwrap().unwrap().completed;
+    }
+    println!(
+        "fairness: B alone {alone:.2?}, B behind A's 2,000 images {behind:.2?} ({:.1}x); A had {a_done} of 2,000 done",
+        behind.as_secs_f64() / alone.as_secs_f64()
+    );
+    assert!(
+        a_done < 1_000,
+        "B finished while A's backlog was still being worked ({a_done} done)"
+    );
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}

@@ -177,6 +177,10 @@ pub struct ImageEvent {
     /// Facts stages record about the image (e.g. `face_found`, `bg_engine`).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub notes: serde_json::Map<String, serde_json::Value>,
+    /// Whether the image holds one of the admission window's slots (it was
+    /// dispatched by the fair scheduler); its end frees the slot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slot: bool,
     /// Failed attempts at the current stage so far.
     #[serde(default)]
     pub attempt: u32,

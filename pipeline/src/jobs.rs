@@ -143,6 +143,7 @@ impl JobStore {
                 working: None,
                 outputs: BTreeMap::new(),
                 notes: serde_json::Map::new(),
+                slot: false,
                 attempt: 0,
                 submitted_ms: now,
                 traceparent: job.traceparent.clone(),
@@ -195,6 +196,12 @@ impl JobStore {
             .arg("WITHSCORES")
             .query_async(&mut conn)
             .await
+    }
+
+    /// Sets a vendor's weight in fair scheduling (images per round-robin turn).
+    pub async fn set_weight(&self, vendor: &str, weight: u32) -> redis::RedisResult<()> {
+        let mut conn = self.p.conn.clone();
+        conn.hset(self.p.keys.vendor_weights(), vendor, weight.max(1)).await
     }
 
     pub async fn cancel(&self, vendor: &str, id: &str) -> redis::RedisResult<Cancelled> {

@@ -63,6 +63,38 @@ impl Keys {
         format!("{}:vendor-keys", self.base)
     }
 
+    /// A vendor's admitted-but-not-dispatched images, in order (a list of
+    /// items the dispatcher moves downstream in weighted round-robin).
+    pub fn vendor_queue(&self, vendor: &str) -> String {
+        format!("{}:vendor-queue:{}", self.base, vendor)
+    }
+
+    /// The prefix of every vendor queue, for the dispatch script.
+    pub fn vendor_queue_prefix(&self) -> String {
+        format!("{}:vendor-queue:", self.base)
+    }
+
+    /// The prefix of every stage stream, for the dispatch script.
+    pub fn stream_prefix(&self) -> String {
+        format!("{}:stream:", self.base)
+    }
+
+    /// Round-robin ring (a list) of vendors with images waiting.
+    pub fn vendor_ring(&self) -> String {
+        format!("{}:vendor-ring", self.base)
+    }
+
+    /// Hash of vendor id to scheduling weight (absent: 1).
+    pub fn vendor_weights(&self) -> String {
+        format!("{}:vendor-weights", self.base)
+    }
+
+    /// Count of images dispatched downstream and not yet finished: the
+    /// admission window the dispatcher keeps filled, and no fuller.
+    pub fn admitted(&self) -> String {
+        format!("{}:admitted", self.base)
+    }
+
     /// Hash of live workers' heartbeats, keyed by consumer name.
     pub fn workers(&self) -> String {
         format!("{}:workers", self.base)

@@ -59,6 +59,11 @@ pub struct RunnerConfig {
     pub max_deliveries: u64,
     /// Blobs of jobs older than this are swept even if the job never ended.
     pub blob_ttl_ms: u64,
+    /// Fair scheduling: at most this many images are in flight downstream
+    /// of rate-check, admitted from vendors' queues in weighted round-robin.
+    /// Keep it near twice the slowest stage's total concurrency. 0 turns
+    /// fair scheduling off (plain FIFO).
+    pub admission_window: u64,
 }
 
 impl Default for RunnerConfig {
@@ -76,6 +81,7 @@ impl Default for RunnerConfig {
             dead_letter_max: 100_000,
             max_deliveries: 10,
             blob_ttl_ms: 2 * 86_400_000,
+            admission_window: 32,
         }
     }
 }
@@ -114,6 +120,8 @@ pub struct StageRunner {
     slots: Arc<Semaphore>,
     in_flight: Mutex<HashSet<String>>,
     handled: AtomicUsize,
+    /// Woken when this process parks an image, so the dispatcher runs at once.
+    parked: tokio::sync::Notify,
 }
 
 /// A unique consumer name: host, pid and a random suffix, so two processes
@@ -156,6 +164,7 @@ impl StageRunner {
             consumer: consumer_name(),
             in_flight: Mutex::new(HashSet::new()),
             handled: AtomicUsize::new(0),
+            parked: tokio::sync::Notify::new(),
         })
     }
 
@@ -165,6 +174,10 @@ impl StageRunner {
 
     fn group(&self) -> &'static str {
         self.p.keys.group(self.name)
+    }
+
+    fn fair(&self) -> bool {
+        self.name == StageName::RateCheck && self.cfg.admission_window > 0
     }
 
     fn per_slot(&self) -> usize {
@@ -178,6 +191,9 @@ impl StageRunner {
         info!(stage = %self.name, consumer = %self.consumer, concurrency = self.cfg.concurrency, "worker started");
         let mut tasks = JoinSet::new();
         let maintenance = tokio::spawn(self.clone().maintain(shutdown.clone()));
+        let dispatcher = self
+            .fair()
+            .then(|| tokio::spawn(self.clone().dispatch_loop(shutdown.clone())));
         let mut reader = self.p.blocking_connection().await?;
         loop {
             let first = tokio::select! {
@@ -239,6 +255,9 @@ impl StageRunner {
             self.release(left).await;
         }
         maintenance.await.ok();
+        if let Some(d) = dispatcher {
+            d.await.ok();
+        }
         let mut conn = self.p.conn.clone();
         let _: redis::RedisResult<()> = conn.hdel(self.p.keys.workers(), &self.consumer).await;
         info!(stage = %self.name, handled = self.handled.load(Ordering::Relaxed), "worker stopped");
@@ -416,6 +435,10 @@ impl StageRunner {
                 ev.kind = self.name.done_kind();
                 ev.attempt = 0;
                 match self.name.next(&ev.ops) {
+                    Some(next) if self.fair() => {
+                        ev.slot = true;
+                        Step::Park(next, ev)
+                    }
                     Some(next) => Step::Handoff(next, ev),
                     None => Step::Complete(ev),
                 }
@@ -499,11 +522,33 @@ impl StageRunner {
                     .key(&self.stream)
                     .key(keys.stream(*next))
                     .key(keys.job(&ev.job))
+                    .key(keys.admitted())
                     .arg(self.group())
                     .arg(id)
                     .arg(ev.to_json())
                     .arg(ev.image)
                     .arg(next.as_str())
+                    .arg(now)
+                    .arg(&finished)
+                    .arg(flag(ev.slot))
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(false)
+            }
+            Step::Park(next, ev) => {
+                let job_key = keys.job(&ev.job);
+                let item = format!("{}\t{}\t{}\t{}", next.as_str(), job_key, ev.image, ev.to_json());
+                let _: i64 = s
+                    .park
+                    .key(&self.stream)
+                    .key(keys.vendor_queue(&ev.vendor))
+                    .key(keys.vendor_ring())
+                    .key(job_key)
+                    .arg(self.group())
+                    .arg(id)
+                    .arg(item)
+                    .arg(&ev.vendor)
+                    .arg(ev.image)
                     .arg(now)
                     .arg(&finished)
                     .invoke_async(&mut conn)
@@ -520,6 +565,7 @@ impl StageRunner {
                     .complete
                     .key(&self.stream)
                     .key(keys.job(&ev.job))
+                    .key(keys.admitted())
                     .arg(self.group())
                     .arg(id)
                     .arg(ev.image)
@@ -527,6 +573,7 @@ impl StageRunner {
                     .arg(now)
                     .arg(&finished)
                     .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
+                    .arg(flag(ev.slot))
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -543,6 +590,7 @@ impl StageRunner {
                     .key(&self.stream)
                     .key(keys.retries(self.name))
                     .key(keys.job(&event.job))
+                    .key(keys.admitted())
                     .arg(self.group())
                     .arg(id)
                     .arg(event.to_json())
@@ -553,6 +601,7 @@ impl StageRunner {
                     .arg(attempts)
                     .arg(now)
                     .arg(&finished)
+                    .arg(flag(event.slot))
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -563,6 +612,7 @@ impl StageRunner {
                     .key(&self.stream)
                     .key(keys.dead_letters())
                     .key(keys.job(&event.job))
+                    .key(keys.admitted())
                     .arg(self.group())
                     .arg(id)
                     .arg(event.to_json())
@@ -575,6 +625,7 @@ impl StageRunner {
                     .arg(&finished)
                     .arg(&event.job)
                     .arg(&event.vendor)
+                    .arg(flag(event.slot))
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -593,6 +644,7 @@ impl StageRunner {
             .key(&self.stream)
             .key(self.p.keys.dead_letters())
             .key(self.p.keys.job("unknown"))
+            .key(self.p.keys.admitted())
             .arg(self.group())
             .arg(&d.id)
             .arg(d.payload.as_deref().unwrap_or(""))
@@ -605,6 +657,7 @@ impl StageRunner {
             .arg(self.p.keys.finished_channel())
             .arg("")
             .arg("")
+            .arg(flag(false))
             .invoke_async(&mut conn)
             .await;
         if let Err(e) = r {
@@ -702,6 +755,42 @@ impl StageRunner {
             }
         }
         reclaimer.await.ok();
+    }
+
+    /// The fair scheduler: keeps the admission window filled from vendors'
+    /// queues. It runs at once when this process parks an image, and polls
+    /// briefly while images wait (slots free up in other processes).
+    async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut conn = self.p.conn.clone();
+        loop {
+            let r: redis::RedisResult<(i64, i64)> = self
+                .p
+                .scripts
+                .dispatch
+                .key(self.p.keys.vendor_ring())
+                .key(self.p.keys.admitted())
+                .key(self.p.keys.vendor_weights())
+                .arg(self.cfg.admission_window)
+                .arg(self.p.keys.vendor_queue_prefix())
+                .arg(self.p.keys.stream_prefix())
+                .arg(now_ms())
+                .invoke_async(&mut conn)
+                .await;
+            let wait = match r {
+                Ok((moved, _)) if moved > 0 => continue,
+                Ok((_, waiting)) if waiting > 0 => Duration::from_millis(2),
+                Ok(_) => Duration::from_millis(250),
+                Err(e) => {
+                    debug!(error = %e, "dispatching failed");
+                    Duration::from_millis(250)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.parked.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Reclaims orphaned entries every `reclaim_every_ms`, until shutdown.
@@ -845,6 +934,7 @@ impl StageRunner {
 
 enum Step {
     Handoff(StageName, ImageEvent),
+    Park(StageName, ImageEvent),
     Complete(ImageEvent),
     Retry {
         due_ms: u64,
@@ -866,6 +956,14 @@ impl Step {
             Step::Complete(ev) | Step::Dead { event: ev, .. } => Some(&ev.job),
             _ => None,
         }
+    }
+}
+
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
     }
 }
 

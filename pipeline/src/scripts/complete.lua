@@ -1,10 +1,11 @@
 -- Finishes an image after the last stage: acknowledge and record its
 -- outputs, closing the job when it was the last image.
--- KEYS: this stage's stream, job
+-- KEYS: this stage's stream, job, admitted counter
 -- ARGV: group, entry id, image index, outputs JSON, now ms, finished channel,
---       notes JSON
+--       notes JSON, '1' if the image holds an admission slot
 -- Returns 1 if the job closed, 0 if not, -1 for a duplicate delivery.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+release_slot(KEYS[3], ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local i = ARGV[3]
 redis.call('HSET', KEYS[2], i .. ':status', 'completed', i .. ':stage', 'done',

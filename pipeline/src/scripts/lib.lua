@@ -1,5 +1,11 @@
 -- Helpers shared by the scripts; prepended to each when it is loaded.
 
+-- Frees the admission slot an image held, if it was admitted downstream.
+local function release_slot(counter, admitted)
+  if admitted ~= '1' then return end
+  if tonumber(redis.call('DECR', counter)) < 0 then redis.call('SET', counter, 0) end
+end
+
 -- Closes the job if every image has reached an end (done, failed or
 -- skipped), announcing it on the finished channel. Returns 1 if it closed.
 local function close_job_if_done(job, now, channel)
@@ -20,8 +26,9 @@ end
 
 -- For a cancelled job: records the image as skipped instead of moving it
 -- on. Returns true if the job was cancelled.
-local function skip_if_cancelled(job, i, status, now, channel)
+local function skip_if_cancelled(job, i, status, now, channel, counter, admitted)
   if status ~= 'cancelled' then return false end
+  if counter then release_slot(counter, admitted) end
   redis.call('HSET', job, i .. ':status', 'cancelled', 'updated_ms', now)
   redis.call('HINCRBY', job, 'skipped', 1)
   close_job_if_done(job, now, channel)

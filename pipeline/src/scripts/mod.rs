@@ -22,6 +22,8 @@ pub struct Scripts {
     pub trim: Script,
     pub cancel: Script,
     pub reap_consumers: Script,
+    pub park: Script,
+    pub dispatch: Script,
 }
 
 impl Scripts {
@@ -36,6 +38,8 @@ impl Scripts {
             trim: with_lib(include_str!("trim.lua")),
             cancel: with_lib(include_str!("cancel.lua")),
             reap_consumers: with_lib(include_str!("reap_consumers.lua")),
+            park: with_lib(include_str!("park.lua")),
+            dispatch: with_lib(include_str!("dispatch.lua")),
         }
     }
 }
