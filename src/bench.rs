@@ -1,0 +1,213 @@
+//! `image-queue bench pipeline`: the pipeline's own overhead, measured on
+//! the user's Redis.
+//!
+//! Jobs of one image go through all six stages with handlers that do
+//! nothing, so what is measured is the queue: reads, hand-offs, job state
+//! and completion. Keys live under a prefix of their own, removed at the
+//! end. The result is one JSON line.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use futures::StreamExt;
+use image_queue_pipeline::runner::StageRunner;
+use image_queue_pipeline::{
+    ImageEvent, JobStore, LocalBlobStore, NewImage, NewJob, Operation, Outcome, Pipeline, RunnerConfig, Source, Stage,
+    StageError, StageName,
+};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+pub struct BenchArgs {
+    pub redis_url: String,
+    pub jobs: usize,
+    /// Jobs per second to submit; `None` submits as fast as possible.
+    pub rate: Option<f64>,
+    pub concurrency: usize,
+    /// Fair scheduling's admission window (0: off).
+    pub window: u64,
+}
+
+#[derive(Serialize)]
+struct BenchResult {
+    jobs: usize,
+    rate: Option<f64>,
+    jobs_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    redis_cpu_us_per_job: f64,
+    window: u64,
+}
+
+struct Noop(StageName);
+
+#[async_trait]
+impl Stage for Noop {
+    fn name(&self) -> StageName {
+        self.0
+    }
+
+    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        Ok(Outcome::Done(event))
+    }
+}
+
+async fn redis_cpu_seconds(p: &Pipeline) -> anyhow::Result<f64> {
+    let mut conn = p.conn.clone();
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
+    let mut total = 0.0;
+    for line in info.lines() {
+        if let Some((k, v)) = line.trim().split_once(':') {
+            if k == "used_cpu_sys" || k == "used_cpu_user" {
+                total += v.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let dir = tempfile::tempdir()?;
+    let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
+    let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
+        .await
+        .context("connecting to Redis")?;
+    let jobs = JobStore::new(p.clone(), 3600);
+    let cfg = RunnerConfig {
+        concurrency: args.concurrency,
+        read_block_ms: 100,
+        admission_window: args.window,
+        ..RunnerConfig::default()
+    };
+    let shutdown = CancellationToken::new();
+    let mut runners = tokio::task::JoinSet::new();
+    for name in StageName::ALL {
+        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name)), cfg.clone());
+        let s = shutdown.clone();
+        runners.spawn(async move { runner.run(s).await });
+    }
+    // Completions, as announced on the finished channel.
+    let submitted: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let mut pubsub = p.client.get_async_pubsub().await?;
+    pubsub.subscribe(p.keys.finished_channel()).await?;
+    let total = args.jobs;
+    let subs = submitted.clone();
+    let collector = tokio::spawn(async move {
+        let mut latencies = Vec::with_capacity(total);
+        let mut stream = pubsub.on_message();
+        let mut last = Instant::now();
+        while latencies.len() < total {
+            let Some(msg) = stream.next().await else { break };
+            let now = Instant::now();
+            let payload: String = msg.get_payload().unwrap_or_default();
+            let job = payload.split(' ').next().unwrap_or("").to_string();
+            // A completion may beat its submit's bookkeeping: wait for it.
+            loop {
+                let t = subs.lock().unwrap().get(&job).copied();
+                match t {
+                    Some(t) => {
+                        latencies.push(now.duration_since(t).as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    None => tokio::task::yield_now().await,
+                }
+            }
+            last = now;
+        }
+        (latencies, last)
+    });
+
+    let cpu_before = redis_cpu_seconds(&p).await?;
+    let started = Instant::now();
+    let ops = vec![Operation::BgRemoval, Operation::FaceCrop, Operation::Resize];
+    let submitters = if args.rate.is_some() { 1 } else { 16 };
+    let per = total.div_ceil(submitters);
+    let mut tasks = tokio::task::JoinSet::new();
+    for s in 0..submitters {
+        let (jobs, ops, submitted, rate) = (jobs.clone(), ops.clone(), submitted.clone(), args.rate);
+        let n = per.min(total.saturating_sub(s * per));
+        tasks.spawn(async move {
+            let mut next = Instant::now();
+            for _ in 0..n {
+                if let Some(r) = rate {
+                    tokio::time::sleep_until(next.into()).await;
+                    next += Duration::from_secs_f64(1.0 / r);
+                }
+                let id = NewJob::new_id();
+                submitted.lock().unwrap().insert(id.clone(), Instant::now());
+                jobs.submit(NewJob {
+                    id,
+                    vendor: "bench".into(),
+                    operations: ops.clone(),
+                    images: vec![NewImage {
+                        source: Source::Url("https://bench.invalid/a.jpg".into()),
+                        record_id: "r".into(),
+                    }],
+                    idempotency_key: None,
+                    traceparent: None,
+                })
+                .await?;
+            }
+            Ok::<_, redis::RedisError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let (mut latencies, last) = tokio::time::timeout(Duration::from_secs(600), collector)
+        .await
+        .context("jobs did not finish within 10 minutes")??;
+    let cpu_after = redis_cpu_seconds(&p).await?;
+    shutdown.cancel();
+    while runners.join_next().await.is_some() {}
+
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let elapsed = last.duration_since(started).as_secs_f64();
+    let result = BenchResult {
+        jobs: total,
+        rate: args.rate,
+        jobs_per_s: total as f64 / elapsed,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        redis_cpu_us_per_job: (cpu_after - cpu_before) * 1e6 / total as f64,
+        window: args.window,
+    };
+    cleanup(&p, &prefix).await?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+/// Removes every key the run made.
+async fn cleanup(p: &Pipeline, prefix: &str) -> anyhow::Result<()> {
+    let mut conn = p.conn.clone();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{{{prefix}}}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
