@@ -240,6 +240,7 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
 }
 
 async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.api.validate().map_err(anyhow::Error::msg)?;
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {
         jobs: JobStore::new(p.clone(), config.job_retention_secs),

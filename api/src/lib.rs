@@ -5,14 +5,17 @@
 //! a socket. Every error is an [`ApiError`]: one JSON shape, the right
 //! status, and internal details logged, never shown.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod ratelimit;
 pub mod routes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use image_queue_pipeline::{BlobStore, JobStore};
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{Auth, Vendor};
 pub use error::ApiError;
+pub use ratelimit::{Limit, RateLimitConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +34,15 @@ pub struct ApiConfig {
     pub max_images_per_job: usize,
     /// Largest JSON body, in bytes.
     pub max_json_bytes: usize,
+    pub rate_limits: RateLimitConfig,
+}
+
+impl ApiConfig {
+    /// Refuses a configuration that could only fail later, per request.
+    pub fn validate(&self) -> Result<(), String> {
+        self.rate_limits.trusted()?;
+        Ok(())
+    }
 }
 
 impl Default for ApiConfig {
@@ -38,6 +51,7 @@ impl Default for ApiConfig {
             max_image_bytes: 25 * 1024 * 1024,
             max_images_per_job: 100,
             max_json_bytes: 1024 * 1024,
+            rate_limits: RateLimitConfig::default(),
         }
     }
 }
@@ -63,8 +77,12 @@ pub fn app(state: AppState) -> Router {
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/api/admin/dead-letters", get(admin::dead_letters))
+        .route("/api/admin/vendors", post(admin::add_vendor))
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(body_limit));
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit_writes));
     if let Some(dir) = &state.media_dir {
         router = router.nest_service("/media", tower_http::services::ServeDir::new(dir));
     }

@@ -63,6 +63,18 @@ impl Keys {
         format!("{}:vendor-keys", self.base)
     }
 
+    /// Hash from vendor id to its dispatch weight (default 1 when absent).
+    pub fn vendor_weights(&self) -> String {
+        format!("{}:vendor-weights", self.base)
+    }
+
+    /// Sorted set logging the requests one rate limit admitted for one
+    /// subject (a vendor, or a client network), scored by the millisecond
+    /// they were admitted. `limit` and `subject` must be key-safe.
+    pub fn rate_limit(&self, limit: &str, subject: &str) -> String {
+        format!("{}:rl:{}:{}", self.base, limit, subject)
+    }
+
     /// Hash of live workers' heartbeats, keyed by consumer name.
     pub fn workers(&self) -> String {
         format!("{}:workers", self.base)
