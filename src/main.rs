@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use image_queue_api::{app, ApiConfig, AppState, Auth};
+use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
 use image_queue_pipeline::{stats, BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
@@ -247,6 +247,7 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
         blobs: p.blobs.clone(),
         auth: Auth::new(p.clone(), admin),
         config: ApiConfig { ..config.api.clone() },
+        progress: ProgressHub::new(p.clone()),
         media_dir: Some(config.media_dir()),
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod ratelimit;
 pub mod routes;
 
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{Auth, Vendor};
 pub use error::ApiError;
+pub use events::ProgressHub;
 pub use ratelimit::{Limit, RateLimitConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +64,8 @@ pub struct AppState {
     pub blobs: Arc<dyn BlobStore>,
     pub auth: Auth,
     pub config: ApiConfig,
+    /// This process's subscriber to job progress, for live event streams.
+    pub progress: ProgressHub,
     /// Where the local upload backend puts results, served under `/media`.
     pub media_dir: Option<PathBuf>,
 }
@@ -73,6 +77,7 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/api/image-queue/jobs", post(routes::submit).get(routes::list))
         .route("/api/image-queue/job/{id}", get(routes::get_job).delete(routes::cancel))
+        .route("/api/image-queue/job/{id}/events", get(events::job_events))
         .route("/api/image-queue/queue-stats", get(routes::queue_stats))
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))

@@ -68,7 +68,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
 }
 
 /// Counts one read of the caller's jobs against its limit.
-async fn limit_reads(state: &AppState, vendor: &Vendor) -> Result<RateState, ApiError> {
+pub(crate) async fn limit_reads(state: &AppState, vendor: &Vendor) -> Result<RateState, ApiError> {
     let checks = [Check {
         name: "status-reads",
         subject: vendor.0.clone(),

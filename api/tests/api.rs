@@ -5,16 +5,21 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
-use image_queue_api::{app, ApiConfig, AppState, Auth, Limit};
+use image_queue_api::{app, ApiConfig, AppState, Auth, Limit, ProgressHub};
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
-use image_queue_pipeline::{JobStore, LocalBlobStore, Pipeline};
+use image_queue_pipeline::runner::StageRunner;
+use image_queue_pipeline::{
+    ImageEvent, JobStore, LocalBlobStore, Outcome, Pipeline, RetryPolicy, RunnerConfig, Stage, StageError, StageName,
+};
 use serde_json::{json, Value};
 use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 const ADMIN: &str = "admin-key-for-tests";
@@ -44,6 +49,7 @@ async fn instance(redis: &RedisServer, dir: &TempDir, config: ApiConfig) -> (Rou
         auth: Auth::new(p.clone(), Some(ADMIN)),
         config,
         media_dir: None,
+        progress: ProgressHub::new(p.clone()),
     };
     (app(state), p)
 }
@@ -633,4 +639,190 @@ async fn the_window_slides() {
         send(&h.app, get("/api/image-queue/jobs", &a)).await.status,
         StatusCode::OK
     );
+}
+
+/// A stage that passes every image on, except that resize fails for good
+/// the images whose record id is "bad", and fails "flaky" ones once in a
+/// way worth retrying.
+struct PassThrough(StageName);
+
+#[async_trait::async_trait]
+impl Stage for PassThrough {
+    fn name(&self) -> StageName {
+        self.0
+    }
+
+    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        if self.0 == StageName::Resize && event.record_id == "bad" {
+            return Err(StageError::permanent("this image is bad"));
+        }
+        if self.0 == StageName::Resize && event.record_id == "flaky" && event.attempt == 0 {
+            return Err(StageError::retryable("try me again"));
+        }
+        Ok(Outcome::Done(event))
+    }
+}
+
+/// Server-sent events read off a response body: (event name, data).
+struct Events {
+    body: axum::body::BodyDataStream,
+    buf: String,
+}
+
+impl Events {
+    /// The next event; `None` once the stream has ended.
+    async fn next(&mut self) -> Option<(String, Value)> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return Some((name, serde_json::from_str(&data).unwrap()));
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(30), self.body.next())
+                .await
+                .expect("no event within 30 s")?
+                .unwrap();
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
+async fn open_events(app: &Router, key: &str, job: &str) -> Events {
+    let mut r = get(&format!("/api/image-queue/job/{job}/events"), key);
+    r.extensions_mut()
+        .insert(ConnectInfo(CLIENT.parse::<SocketAddr>().unwrap()));
+    let resp = app.clone().oneshot(r).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    Events {
+        body: resp.into_body().into_data_stream(),
+        buf: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_events_stream_every_transition_and_end_with_the_job() {
+    let h = harness(ApiConfig::default()).await;
+    let a = new_vendor(&h.app, "vendor-a").await;
+    let b = new_vendor(&h.app, "vendor-b").await;
+    let body = json!({"operations": ["resize"], "images": [
+        {"url": "https://images.example.com/0.jpg", "record_id": "good"},
+        {"url": "https://images.example.com/1.jpg", "record_id": "bad"},
+        {"url": "https://images.example.com/2.jpg", "record_id": "flaky"},
+    ]});
+    let r = send(&h.app, json_req("POST", "/api/image-queue/jobs", Some(&a), &body)).await;
+    let job = r.body["job_id"].as_str().unwrap().to_string();
+
+    // Not the caller's job: the same 404 as any other read.
+    send(&h.app, get(&format!("/api/image-queue/job/{job}/events"), &b))
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+
+    let mut events = open_events(&h.app, &a, &job).await;
+    let (name, first) = events.next().await.unwrap();
+    assert_eq!((name.as_str(), &first["status"]), ("job", &json!("queued")));
+
+    // Only now does the pipeline run, so every transition happens while
+    // the stream is open.
+    let shutdown = CancellationToken::new();
+    let mut runners = Vec::new();
+    for stage in StageName::ALL {
+        let config = RunnerConfig {
+            retry: RetryPolicy {
+                base_ms: 20,
+                jitter: 0.0,
+                ..RetryPolicy::default()
+            },
+            ..RunnerConfig::default()
+        };
+        let runner = StageRunner::new(h.p.clone(), Arc::new(PassThrough(stage)), config);
+        runners.push(tokio::spawn(runner.run(shutdown.clone())));
+    }
+    let mut seen: Vec<(String, Value)> = Vec::new();
+    while let Some(ev) = events.next().await {
+        seen.push(ev);
+    }
+    shutdown.cancel();
+    for r in runners {
+        r.await.unwrap().unwrap();
+    }
+
+    let (last_name, last) = seen.last().unwrap();
+    assert_eq!(last_name, "done");
+    assert_eq!(last["status"], "partially_failed");
+    let progress: Vec<&Value> = seen.iter().filter(|(n, _)| n == "progress").map(|(_, v)| v).collect();
+    let of = |image: u64| -> Vec<(String, String)> {
+        progress
+            .iter()
+            .filter(|p| p["image"] == image)
+            .map(|p| {
+                (
+                    p["stage"].as_str().unwrap().into(),
+                    p["status"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    };
+    assert_eq!(
+        of(0),
+        pairs(&[
+            ("resize", "processing"),
+            ("upload", "processing"),
+            ("db-commit", "processing"),
+            ("done", "completed")
+        ])
+    );
+    assert_eq!(of(1), pairs(&[("resize", "processing"), ("resize", "failed")]));
+    assert_eq!(
+        of(2),
+        pairs(&[
+            ("resize", "processing"),
+            ("resize", "retrying"),
+            ("upload", "processing"),
+            ("db-commit", "processing"),
+            ("done", "completed")
+        ])
+    );
+    assert!(progress.iter().all(|p| p["job"] == job.as_str()));
+    let job_level: Vec<&&Value> = progress.iter().filter(|p| p.get("image").is_none()).collect();
+    assert_eq!(job_level.len(), 1);
+    assert_eq!(job_level[0]["status"], "partially_failed");
+
+    // A stream opened on an ended job says so at once and ends.
+    let mut again = open_events(&h.app, &a, &job).await;
+    assert_eq!(again.next().await.unwrap().0, "done");
+    assert!(again.next().await.is_none());
+}
+
+#[tokio::test]
+async fn a_cancelled_job_ends_its_event_stream() {
+    let h = harness(ApiConfig::default()).await;
+    let a = new_vendor(&h.app, "vendor-a").await;
+    let r = send(&h.app, submit(&a, &["resize"], 1)).await;
+    let job = r.body["job_id"].as_str().unwrap().to_string();
+    let mut events = open_events(&h.app, &a, &job).await;
+    assert_eq!(events.next().await.unwrap().0, "job");
+    let cancel = req("DELETE", &format!("/api/image-queue/job/{job}"), Some(&a))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&h.app, cancel).await.status, StatusCode::OK);
+    let (name, p) = events.next().await.unwrap();
+    assert_eq!((name.as_str(), &p["status"]), ("progress", &json!("cancelled")));
+    let (name, done) = events.next().await.unwrap();
+    assert_eq!((name.as_str(), &done["status"]), ("done", &json!("cancelled")));
+    assert!(events.next().await.is_none());
 }

@@ -215,6 +215,8 @@ impl JobStore {
             .key(self.p.keys.job(id))
             .arg(vendor)
             .arg(now_ms())
+            .arg(self.p.keys.progress_channel())
+            .arg(id)
             .invoke_async(&mut conn)
             .await?;
         Ok(match r {

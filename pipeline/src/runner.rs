@@ -474,6 +474,7 @@ impl StageRunner {
         let mut conn = self.p.conn.clone();
         let now = now_ms();
         let finished = keys.finished_channel();
+        let progress = keys.progress_channel();
         match step {
             Step::Handoff(next, ev) => {
                 let _: i64 = s
@@ -488,6 +489,8 @@ impl StageRunner {
                     .arg(next.as_str())
                     .arg(now)
                     .arg(&finished)
+                    .arg(&progress)
+                    .arg(&ev.job)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -509,6 +512,8 @@ impl StageRunner {
                     .arg(now)
                     .arg(&finished)
                     .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
+                    .arg(&progress)
+                    .arg(&ev.job)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -535,6 +540,9 @@ impl StageRunner {
                     .arg(attempts)
                     .arg(now)
                     .arg(&finished)
+                    .arg(&progress)
+                    .arg(&event.job)
+                    .arg(self.name.as_str())
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -557,6 +565,7 @@ impl StageRunner {
                     .arg(&finished)
                     .arg(&event.job)
                     .arg(&event.vendor)
+                    .arg(&progress)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -587,6 +596,7 @@ impl StageRunner {
             .arg(self.p.keys.finished_channel())
             .arg("")
             .arg("")
+            .arg(self.p.keys.progress_channel())
             .invoke_async(&mut conn)
             .await;
         if let Err(e) = r {

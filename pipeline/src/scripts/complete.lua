@@ -2,7 +2,7 @@
 -- outputs, closing the job when it was the last image.
 -- KEYS: this stage's stream, job
 -- ARGV: group, entry id, image index, outputs JSON, now ms, finished channel,
---       notes JSON
+--       notes JSON, progress channel, job id
 -- Returns 1 if the job closed, 0 if not, -1 for a duplicate delivery.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
@@ -10,4 +10,5 @@ local i = ARGV[3]
 redis.call('HSET', KEYS[2], i .. ':status', 'completed', i .. ':stage', 'done',
   i .. ':outputs', ARGV[4], i .. ':notes', ARGV[7], 'updated_ms', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'done', 1)
+progress(ARGV[8], ARGV[9], i, 'done', 'completed')
 return close_job_if_done(KEYS[2], ARGV[5], ARGV[6])

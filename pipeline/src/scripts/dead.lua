@@ -3,7 +3,7 @@
 -- KEYS: this stage's stream, dead-letter stream, job
 -- ARGV: group, entry id, event payload, image index, stage, error,
 --       attempts, now ms, dead-letter max length, finished channel,
---       job id, vendor
+--       job id, vendor, progress channel
 -- Returns 1 if the job closed, 0 if not, -1 for a duplicate delivery.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*',
@@ -14,4 +14,5 @@ local i = ARGV[4]
 redis.call('HSET', KEYS[3], i .. ':status', 'failed', i .. ':error', ARGV[6],
   i .. ':attempts', ARGV[7], 'updated_ms', ARGV[8])
 redis.call('HINCRBY', KEYS[3], 'failed', 1)
+progress(ARGV[13], ARGV[11], i, ARGV[5], 'failed')
 return close_job_if_done(KEYS[3], ARGV[8], ARGV[10])

@@ -2,7 +2,7 @@
 -- record where it is, all at once.
 -- KEYS: this stage's stream, next stage's stream, job
 -- ARGV: group, entry id, event payload, image index, next stage, now ms,
---       finished channel
+--       finished channel, progress channel, job id
 -- Returns 1 if published, 0 if the entry was already acknowledged (a
 -- duplicate delivery: nothing is published twice), 2 if the job was
 -- cancelled or is gone.
@@ -14,4 +14,5 @@ redis.call('XADD', KEYS[2], '*', 'e', ARGV[3])
 local i = ARGV[4]
 redis.call('HSET', KEYS[3], i .. ':stage', ARGV[5], i .. ':status', 'processing',
   'status', 'processing', 'updated_ms', ARGV[6])
+progress(ARGV[8], ARGV[9], i, ARGV[5], 'processing')
 return 1
