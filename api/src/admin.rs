@@ -33,6 +33,16 @@ fn valid_stream_id(id: &str) -> bool {
 
 /// `GET /api/admin/dead-letters?before=&limit=`: the dead-letter stream,
 /// newest first.
+#[utoipa::path(get, path = "/api/admin/dead-letters", tag = "admin",
+    params(
+        ("before" = Option<String>, Query, description = "The previous page's next_cursor"),
+        ("limit" = Option<usize>, Query, description = "1–500, default 50"),
+    ),
+    responses(
+        (status = 200, description = "`{entries, next_cursor}`", body = Object),
+        (status = 401, description = "No valid key", body = crate::openapi::ErrorBody),
+        (status = 403, description = "A vendor key, not the admin key", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn dead_letters(
     State(state): State<AppState>,
     _admin: Admin,
@@ -86,7 +96,7 @@ pub async fn dead_letters(
     Ok(Json(json!({"entries": entries, "next_cursor": next})).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewVendor {
     pub vendor_id: String,
@@ -96,6 +106,14 @@ pub struct NewVendor {
 
 /// `POST /api/admin/vendors` `{vendor_id, weight?}`: a new key for a
 /// vendor, shown once in the answer and kept only as its hash.
+#[utoipa::path(post, path = "/api/admin/vendors", tag = "admin",
+    request_body(content = NewVendor, content_type = "application/json"),
+    responses(
+        (status = 201, description = "`{vendor_id, api_key, weight}`: the key is shown only here", body = Object),
+        (status = 401, description = "No valid key", body = crate::openapi::ErrorBody),
+        (status = 403, description = "A vendor key, not the admin key", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid vendor id or weight", body = crate::openapi::ErrorBody),
+    ))]
 pub async fn add_vendor(
     State(state): State<AppState>,
     _admin: Admin,

@@ -139,6 +139,14 @@ fn job_event(name: &str, job: &JobView) -> Event {
 /// `GET /api/image-queue/job/{id}/events`: `job` (the job as it is now),
 /// then `progress` per transition, then `done` (the job in its terminal
 /// state), after which the stream ends.
+#[utoipa::path(get, path = "/api/image-queue/job/{id}/events", tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "text/event-stream of `job`, `progress` and a final `done` event", content_type = "text/event-stream", body = String),
+        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn job_events(
     State(state): State<AppState>,
     vendor: Vendor,

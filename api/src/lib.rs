@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod events;
+pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
 
@@ -82,6 +83,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/openapi.json", get(openapi::spec))
         .route("/api/admin/dead-letters", get(admin::dead_letters))
         .route("/api/admin/vendors", post(admin::add_vendor))
         .fallback(routes::not_found)

@@ -83,16 +83,17 @@ fn with_rate(mut resp: Response, rs: &RateState) -> Response {
     resp
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonImage {
     pub url: String,
     pub record_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonJob {
+    /// Any of bg-removal, face-crop, resize.
     pub operations: Vec<String>,
     pub images: Vec<JsonImage>,
 }
@@ -146,6 +147,19 @@ fn is_image(b: &[u8]) -> bool {
 }
 
 /// `POST /api/image-queue/jobs`: JSON with URLs, or multipart with files.
+#[utoipa::path(post, path = "/api/image-queue/jobs", tag = "jobs",
+    description = "Submit a job: JSON with image URLs, or multipart/form-data with `images` files, one `record_id` per image and `operations` (comma-separated). An `Idempotency-Key` header makes retries safe.",
+    request_body(content = JsonJob, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued", body = crate::openapi::Submitted),
+        (status = 200, description = "An earlier submit with this Idempotency-Key made this job", body = crate::openapi::Submitted),
+        (status = 400, description = "Malformed body", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Too many images, or an image too large", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid job (unknown field or operation, bad URL)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn submit(
     State(state): State<AppState>,
     vendor: Vendor,
@@ -382,6 +396,14 @@ async fn read_multipart(
 }
 
 /// `GET /api/image-queue/job/{id}`.
+#[utoipa::path(get, path = "/api/image-queue/job/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job and its images", body = Object),
+        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn get_job(
     State(state): State<AppState>,
     vendor: Vendor,
@@ -393,6 +415,15 @@ pub async fn get_job(
 }
 
 /// `DELETE /api/image-queue/job/{id}`: cancel.
+#[utoipa::path(delete, path = "/api/image-queue/job/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "Cancelled; the job as it now is", body = Object),
+        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The job has already ended", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn cancel(
     State(state): State<AppState>,
     vendor: Vendor,
@@ -417,6 +448,17 @@ pub struct ListQuery {
 
 /// `GET /api/image-queue/jobs?status=&cursor=`: the caller's own jobs,
 /// newest first.
+#[utoipa::path(get, path = "/api/image-queue/jobs", tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "A job status, or `active` for unfinished jobs"),
+        ("cursor" = Option<u64>, Query, description = "The previous page's next_cursor"),
+        ("limit" = Option<usize>, Query, description = "1–100, default 20"),
+    ),
+    responses(
+        (status = 200, description = "`{jobs, next_cursor}`", body = Object),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     vendor: Vendor,

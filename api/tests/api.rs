@@ -826,3 +826,27 @@ async fn a_cancelled_job_ends_its_event_stream() {
     assert_eq!((name.as_str(), &done["status"]), ("done", &json!("cancelled")));
     assert!(events.next().await.is_none());
 }
+
+#[tokio::test]
+async fn the_openapi_description_names_every_vendor_and_admin_route() {
+    let h = harness(ApiConfig::default()).await;
+    let r = send(&h.app, req("GET", "/openapi.json", None).body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = &r.body["paths"];
+    for (path, method) in [
+        ("/api/image-queue/jobs", "post"),
+        ("/api/image-queue/jobs", "get"),
+        ("/api/image-queue/job/{id}", "get"),
+        ("/api/image-queue/job/{id}", "delete"),
+        ("/api/image-queue/job/{id}/events", "get"),
+        ("/api/admin/dead-letters", "get"),
+        ("/api/admin/vendors", "post"),
+    ] {
+        assert!(paths[path][method].is_object(), "{method} {path} is not described");
+    }
+    let submit = &paths["/api/image-queue/jobs"]["post"];
+    assert!(submit["responses"]["429"].is_object());
+    assert!(r.body["components"]["schemas"]["JsonJob"]["properties"]["operations"].is_object());
+    assert!(r.body["components"]["securitySchemes"]["api_key"].is_object());
+}
