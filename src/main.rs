@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use image_queue_api::{app, ApiConfig, AppState, Auth};
+use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
 use image_queue_pipeline::{stats, BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
@@ -297,12 +297,14 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
 }
 
 async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.api.validate().map_err(anyhow::Error::msg)?;
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {
         jobs: JobStore::new(p.clone(), config.job_retention_secs),
         blobs: p.blobs.clone(),
         auth: Auth::new(p.clone(), admin),
         config: ApiConfig { ..config.api.clone() },
+        progress: ProgressHub::new(p.clone()),
         media_dir: Some(config.media_dir()),
     };
     let listener = tokio::net::TcpListener::bind(&config.listen)

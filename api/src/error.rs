@@ -23,8 +23,15 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
     #[error("{message}")]
-    TooManyRequests { message: String, retry_after_s: u64 },
+    TooManyRequests {
+        message: String,
+        retry_after_s: u64,
+        /// The rate-limit fields to send with the refusal.
+        headers: Vec<(&'static str, String)>,
+    },
     #[error("the service is unavailable; try again shortly")]
     Unavailable,
     /// Logged with its cause; the client sees only that it happened.
@@ -39,6 +46,7 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -55,6 +63,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden => "forbidden",
             ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -85,9 +94,15 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let body = Json(json!({"error": {"code": self.code(), "message": self.to_string()}}));
         let mut resp = (status, body).into_response();
-        if let ApiError::TooManyRequests { retry_after_s, .. } = &self {
-            if let Ok(v) = HeaderValue::from_str(&retry_after_s.to_string()) {
-                resp.headers_mut().insert("retry-after", v);
+        if let ApiError::TooManyRequests {
+            retry_after_s, headers, ..
+        } = &self
+        {
+            let all = std::iter::once(("retry-after", retry_after_s.to_string())).chain(headers.iter().cloned());
+            for (name, value) in all {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    resp.headers_mut().insert(name, v);
+                }
             }
         }
         resp

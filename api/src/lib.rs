@@ -5,14 +5,19 @@
 //! a socket. Every error is an [`ApiError`]: one JSON shape, the right
 //! status, and internal details logged, never shown.
 
+pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod events;
+pub mod openapi;
+pub mod ratelimit;
 pub mod routes;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use image_queue_pipeline::{BlobStore, JobStore};
@@ -20,6 +25,8 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::{Auth, Vendor};
 pub use error::ApiError;
+pub use events::ProgressHub;
+pub use ratelimit::{Limit, RateLimitConfig};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -30,6 +37,15 @@ pub struct ApiConfig {
     pub max_images_per_job: usize,
     /// Largest JSON body, in bytes.
     pub max_json_bytes: usize,
+    pub rate_limits: RateLimitConfig,
+}
+
+impl ApiConfig {
+    /// Refuses a configuration that could only fail later, per request.
+    pub fn validate(&self) -> Result<(), String> {
+        self.rate_limits.trusted()?;
+        Ok(())
+    }
 }
 
 impl Default for ApiConfig {
@@ -38,6 +54,7 @@ impl Default for ApiConfig {
             max_image_bytes: 25 * 1024 * 1024,
             max_images_per_job: 100,
             max_json_bytes: 1024 * 1024,
+            rate_limits: RateLimitConfig::default(),
         }
     }
 }
@@ -48,6 +65,8 @@ pub struct AppState {
     pub blobs: Arc<dyn BlobStore>,
     pub auth: Auth,
     pub config: ApiConfig,
+    /// This process's subscriber to job progress, for live event streams.
+    pub progress: ProgressHub,
     /// Where the local upload backend puts results, served under `/media`.
     pub media_dir: Option<PathBuf>,
 }
@@ -59,12 +78,18 @@ pub fn app(state: AppState) -> Router {
     let mut router = Router::new()
         .route("/api/image-queue/jobs", post(routes::submit).get(routes::list))
         .route("/api/image-queue/job/{id}", get(routes::get_job).delete(routes::cancel))
+        .route("/api/image-queue/job/{id}/events", get(events::job_events))
         .route("/api/image-queue/queue-stats", get(routes::queue_stats))
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/openapi.json", get(openapi::spec))
+        .route("/api/admin/dead-letters", get(admin::dead_letters))
+        .route("/api/admin/vendors", post(admin::add_vendor))
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(body_limit));
+        .method_not_allowed_fallback(routes::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit_writes));
     if let Some(dir) = &state.media_dir {
         router = router.nest_service("/media", tower_http::services::ServeDir::new(dir));
     }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -11,23 +12,88 @@ use bytes::Bytes;
 use image_queue_pipeline::blob::blob_key;
 use image_queue_pipeline::jobs::{is_terminal, Cancelled};
 use image_queue_pipeline::{stats, NewImage, NewJob, Operation, Source};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::Vendor;
 use crate::error::ApiError;
+use crate::ratelimit::{self, Check, RateState};
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+/// A JSON body, refused in the API's own error shape: 415 without a JSON
+/// content type, 413 over `max_json_bytes`, 400 if it is not JSON at all,
+/// 422 if it is JSON of the wrong shape (unknown fields included).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType("send application/json".into()));
+        }
+        let body = Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::PayloadTooLarge(e.body_text()))?;
+        parse_json(state, &body).map(JsonBody)
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(state: &AppState, body: &[u8]) -> Result<T, ApiError> {
+    if body.len() > state.config.max_json_bytes {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "JSON bodies are limited to {} bytes",
+            state.config.max_json_bytes
+        )));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            ApiError::BadRequest(format!("malformed JSON: {e}"))
+        } else {
+            ApiError::Unprocessable(format!("invalid body: {e}"))
+        }
+    })
+}
+
+/// Query strings, refused in the API's own error shape.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::Unprocessable(format!("invalid query: {}", e.body_text())))
+}
+
+/// Counts one read of the caller's jobs against its limit.
+pub(crate) async fn limit_reads(state: &AppState, vendor: &Vendor) -> Result<RateState, ApiError> {
+    let checks = [Check {
+        name: "status-reads",
+        subject: vendor.0.clone(),
+        limit: state.config.rate_limits.status_reads_per_vendor,
+        cost: 1,
+    }];
+    ratelimit::check(state, &checks).await
+}
+
+fn with_rate(mut resp: Response, rs: &RateState) -> Response {
+    rs.apply(&mut resp);
+    resp
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonImage {
     pub url: String,
     pub record_id: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonJob {
+    /// Any of bg-removal, face-crop, resize.
     pub operations: Vec<String>,
     pub images: Vec<JsonImage>,
 }
@@ -81,6 +147,19 @@ fn is_image(b: &[u8]) -> bool {
 }
 
 /// `POST /api/image-queue/jobs`: JSON with URLs, or multipart with files.
+#[utoipa::path(post, path = "/api/image-queue/jobs", tag = "jobs",
+    description = "Submit a job: JSON with image URLs, or multipart/form-data with `images` files, one `record_id` per image and `operations` (comma-separated). An `Idempotency-Key` header makes retries safe.",
+    request_body(content = JsonJob, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Queued", body = crate::openapi::Submitted),
+        (status = 200, description = "An earlier submit with this Idempotency-Key made this job", body = crate::openapi::Submitted),
+        (status = 400, description = "Malformed body", body = crate::openapi::ErrorBody),
+        (status = 413, description = "Too many images, or an image too large", body = crate::openapi::ErrorBody),
+        (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid job (unknown field or operation, bad URL)", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn submit(
     State(state): State<AppState>,
     vendor: Vendor,
@@ -106,22 +185,7 @@ pub async fn submit(
         .to_ascii_lowercase();
     let job_id = NewJob::new_id();
     let (operations, images) = if content_type.starts_with("application/json") {
-        let body = Bytes::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::PayloadTooLarge(e.body_text()))?;
-        if body.len() > state.config.max_json_bytes {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "JSON bodies are limited to {} bytes",
-                state.config.max_json_bytes
-            )));
-        }
-        let job: JsonJob = serde_json::from_slice(&body).map_err(|e| {
-            if e.is_syntax() || e.is_eof() {
-                ApiError::BadRequest(format!("malformed JSON: {e}"))
-            } else {
-                ApiError::Unprocessable(format!("invalid job: {e}"))
-            }
-        })?;
+        let JsonBody(job) = JsonBody::<JsonJob>::from_request(req, &state).await?;
         let ops = parse_operations(job.operations.iter().map(String::as_str))?;
         let mut images = Vec::new();
         for img in job.images {
@@ -153,6 +217,44 @@ pub async fn submit(
         )));
     }
     let n = images.len();
+    // A retry of a submit that already made its job is answered without
+    // spending quota on it again (submit.lua settles races between retries).
+    if let Some(key) = &idempotency_key {
+        if let Some(existing) = state.jobs.idempotent_job(&vendor.0, key).await? {
+            state.blobs.delete_job(&job_id).await.ok();
+            return Ok(submitted_response(StatusCode::OK, &existing, n));
+        }
+    }
+    let limits = &state.config.rate_limits;
+    let mut checks = vec![Check {
+        name: "submits",
+        subject: vendor.0.clone(),
+        limit: limits.submits_per_vendor,
+        cost: 1,
+    }];
+    if operations.contains(&Operation::BgRemoval) {
+        checks.push(Check {
+            name: "bg-removal-images",
+            subject: vendor.0.clone(),
+            limit: limits.bg_removal_images_per_vendor,
+            cost: n as u64,
+        });
+    }
+    if n > limits.bulk_min_images {
+        checks.push(Check {
+            name: "bulk-jobs",
+            subject: vendor.0.clone(),
+            limit: limits.bulk_jobs_per_vendor,
+            cost: 1,
+        });
+    }
+    let rate = match ratelimit::check(&state, &checks).await {
+        Ok(rs) => rs,
+        Err(e) => {
+            state.blobs.delete_job(&job_id).await.ok();
+            return Err(e);
+        }
+    };
     let submitted = state
         .jobs
         .submit(NewJob {
@@ -176,16 +278,20 @@ pub async fn submit(
     } else {
         StatusCode::OK
     };
-    Ok((
+    Ok(with_rate(submitted_response(status, &submitted.job_id, n), &rate))
+}
+
+fn submitted_response(status: StatusCode, job_id: &str, images: usize) -> Response {
+    (
         status,
         Json(json!({
-            "job_id": submitted.job_id,
+            "job_id": job_id,
             "status": "queued",
-            "images": n,
-            "status_url": format!("/api/image-queue/job/{}", submitted.job_id),
+            "images": images,
+            "status_url": format!("/api/image-queue/job/{job_id}"),
         })),
     )
-        .into_response())
+        .into_response()
 }
 
 fn hex_of(s: &str) -> String {
@@ -290,16 +396,34 @@ async fn read_multipart(
 }
 
 /// `GET /api/image-queue/job/{id}`.
+#[utoipa::path(get, path = "/api/image-queue/job/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "The job and its images", body = Object),
+        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn get_job(
     State(state): State<AppState>,
     vendor: Vendor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let rate = limit_reads(&state, &vendor).await?;
     let job = state.jobs.get(Some(&vendor.0), &id).await?.ok_or(ApiError::NotFound)?;
-    Ok(Json(job).into_response())
+    Ok(with_rate(Json(job).into_response(), &rate))
 }
 
 /// `DELETE /api/image-queue/job/{id}`: cancel.
+#[utoipa::path(delete, path = "/api/image-queue/job/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The job id")),
+    responses(
+        (status = 200, description = "Cancelled; the job as it now is", body = Object),
+        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
+        (status = 409, description = "The job has already ended", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn cancel(
     State(state): State<AppState>,
     vendor: Vendor,
@@ -324,11 +448,24 @@ pub struct ListQuery {
 
 /// `GET /api/image-queue/jobs?status=&cursor=`: the caller's own jobs,
 /// newest first.
+#[utoipa::path(get, path = "/api/image-queue/jobs", tag = "jobs",
+    params(
+        ("status" = Option<String>, Query, description = "A job status, or `active` for unfinished jobs"),
+        ("cursor" = Option<u64>, Query, description = "The previous page's next_cursor"),
+        ("limit" = Option<usize>, Query, description = "1–100, default 20"),
+    ),
+    responses(
+        (status = 200, description = "`{jobs, next_cursor}`", body = Object),
+        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+    ))]
 pub async fn list(
     State(state): State<AppState>,
     vendor: Vendor,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let rate = limit_reads(&state, &vendor).await?;
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let mut jobs = Vec::new();
     let mut cursor = q.cursor;
@@ -358,7 +495,8 @@ pub async fn list(
         }
         next = cursor;
     }
-    Ok(Json(json!({"jobs": jobs, "next_cursor": if jobs.len() == limit { next } else { None }})).into_response())
+    let body = json!({"jobs": jobs, "next_cursor": if jobs.len() == limit { next } else { None }});
+    Ok(with_rate(Json(body).into_response(), &rate))
 }
 
 /// `GET /api/image-queue/queue-stats`: per-stage stream figures.
@@ -406,4 +544,8 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError>
 
 pub async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }

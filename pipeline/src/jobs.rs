@@ -158,6 +158,12 @@ impl JobStore {
         })
     }
 
+    /// The job an earlier submit with this idempotency key made, if any.
+    pub async fn idempotent_job(&self, vendor: &str, key: &str) -> redis::RedisResult<Option<String>> {
+        let mut conn = self.p.conn.clone();
+        conn.get(self.p.keys.idempotency(vendor, key)).await
+    }
+
     /// A job as its vendor sees it; `None` if it does not exist or belongs
     /// to another vendor (the two are indistinguishable on purpose).
     pub async fn get(&self, vendor: Option<&str>, id: &str) -> redis::RedisResult<Option<JobView>> {
@@ -216,6 +222,8 @@ impl JobStore {
             .key(self.p.keys.job(id))
             .arg(vendor)
             .arg(now_ms())
+            .arg(self.p.keys.progress_channel())
+            .arg(id)
             .invoke_async(&mut conn)
             .await?;
         Ok(match r {

@@ -95,6 +95,13 @@ impl Keys {
         format!("{}:admitted", self.base)
     }
 
+    /// Sorted set logging the requests one rate limit admitted for one
+    /// subject (a vendor, or a client network), scored by the millisecond
+    /// they were admitted. `limit` and `subject` must be key-safe.
+    pub fn rate_limit(&self, limit: &str, subject: &str) -> String {
+        format!("{}:rl:{}:{}", self.base, limit, subject)
+    }
+
     /// Hash of live workers' heartbeats, keyed by consumer name.
     pub fn workers(&self) -> String {
         format!("{}:workers", self.base)

@@ -515,6 +515,7 @@ impl StageRunner {
         let mut conn = self.p.conn.clone();
         let now = now_ms();
         let finished = keys.finished_channel();
+        let progress = keys.progress_channel();
         match step {
             Step::Handoff(next, ev) => {
                 let _: i64 = s
@@ -530,6 +531,8 @@ impl StageRunner {
                     .arg(next.as_str())
                     .arg(now)
                     .arg(&finished)
+                    .arg(&progress)
+                    .arg(&ev.job)
                     .arg(flag(ev.slot))
                     .invoke_async(&mut conn)
                     .await?;
@@ -537,7 +540,14 @@ impl StageRunner {
             }
             Step::Park(next, ev) => {
                 let job_key = keys.job(&ev.job);
-                let item = format!("{}\t{}\t{}\t{}", next.as_str(), job_key, ev.image, ev.to_json());
+                let item = format!(
+                    "{}\t{}\t{}\t{}\t{}",
+                    next.as_str(),
+                    job_key,
+                    ev.job,
+                    ev.image,
+                    ev.to_json()
+                );
                 let _: i64 = s
                     .park
                     .key(&self.stream)
@@ -573,6 +583,8 @@ impl StageRunner {
                     .arg(now)
                     .arg(&finished)
                     .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
+                    .arg(&progress)
+                    .arg(&ev.job)
                     .arg(flag(ev.slot))
                     .invoke_async(&mut conn)
                     .await?;
@@ -601,6 +613,9 @@ impl StageRunner {
                     .arg(attempts)
                     .arg(now)
                     .arg(&finished)
+                    .arg(&progress)
+                    .arg(&event.job)
+                    .arg(self.name.as_str())
                     .arg(flag(event.slot))
                     .invoke_async(&mut conn)
                     .await?;
@@ -625,6 +640,7 @@ impl StageRunner {
                     .arg(&finished)
                     .arg(&event.job)
                     .arg(&event.vendor)
+                    .arg(&progress)
                     .arg(flag(event.slot))
                     .invoke_async(&mut conn)
                     .await?;
@@ -657,6 +673,7 @@ impl StageRunner {
             .arg(self.p.keys.finished_channel())
             .arg("")
             .arg("")
+            .arg(self.p.keys.progress_channel())
             .arg(flag(false))
             .invoke_async(&mut conn)
             .await;
@@ -774,6 +791,7 @@ impl StageRunner {
                 .arg(self.p.keys.vendor_queue_prefix())
                 .arg(self.p.keys.stream_prefix())
                 .arg(now_ms())
+                .arg(self.p.keys.progress_channel())
                 .invoke_async(&mut conn)
                 .await;
             let wait = match r {

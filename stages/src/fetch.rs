@@ -231,6 +231,19 @@ impl Fetcher {
         check_url(&parsed, &self.policy).map_err(StageError::permanent)?;
         let resp = self.client.get(parsed).send().await.map_err(classify)?;
         let status = resp.status();
+        if status.is_redirection() {
+            // A redirect still here is one the client would not follow (to a
+            // scheme other than http(s), or without a usable Location):
+            // asking again will not change where it points.
+            let to = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("nowhere");
+            return Err(StageError::permanent(format!(
+                "fetching the image: HTTP {status}, a redirect to {to:.200} that is not followed"
+            )));
+        }
         if status.is_client_error() {
             return Err(StageError::permanent(format!("fetching the image: HTTP {status}")));
         }

@@ -2,13 +2,15 @@
 -- outputs, closing the job when it was the last image.
 -- KEYS: this stage's stream, job, admitted counter
 -- ARGV: group, entry id, image index, outputs JSON, now ms, finished channel,
---       notes JSON, '1' if the image holds an admission slot
+--       notes JSON, progress channel, job id, '1' if the image holds an
+--       admission slot
 -- Returns 1 if the job closed, 0 if not, -1 for a duplicate delivery.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
-release_slot(KEYS[3], ARGV[8])
+release_slot(KEYS[3], ARGV[10])
 if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local i = ARGV[3]
 redis.call('HSET', KEYS[2], i .. ':status', 'completed', i .. ':stage', 'done',
   i .. ':outputs', ARGV[4], i .. ':notes', ARGV[7], 'updated_ms', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'done', 1)
+progress(ARGV[8], ARGV[9], i, 'done', 'completed')
 return close_job_if_done(KEYS[2], ARGV[5], ARGV[6])

@@ -4,7 +4,7 @@
 -- Keys of vendor queues and streams are derived from prefixes passed in;
 -- they share the hash tag of the declared keys.
 -- KEYS: vendor ring, admitted counter, vendor weights
--- ARGV: window, vendor queue prefix, stream prefix, now ms
+-- ARGV: window, vendor queue prefix, stream prefix, now ms, progress channel
 -- Returns {dispatched, vendors still waiting}.
 local budget = tonumber(ARGV[1]) - tonumber(redis.call('GET', KEYS[2]) or '0')
 local moved = 0
@@ -18,10 +18,12 @@ while budget > 0 do
     redis.call('LREM', KEYS[1], 0, vendor)
   else
     for _, item in ipairs(items) do
-      local stage, job, i, payload = string.match(item, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+      local stage, job, id, i, payload =
+        string.match(item, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
       redis.call('XADD', ARGV[3] .. stage, '*', 'e', payload)
       redis.call('HSET', job, i .. ':stage', stage, i .. ':status', 'processing',
         'status', 'processing', 'updated_ms', ARGV[4])
+      progress(ARGV[5], id, i, stage, 'processing')
     end
     moved = moved + #items
     budget = budget - #items

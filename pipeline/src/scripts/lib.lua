@@ -6,6 +6,13 @@ local function release_slot(counter, admitted)
   if tonumber(redis.call('DECR', counter)) < 0 then redis.call('SET', counter, 0) end
 end
 
+-- Announces an image's stage transition on the progress channel, for the
+-- API's live event streams. Published inside the step that made the
+-- transition, so announcements arrive in the order the steps happened.
+local function progress(channel, job, i, stage, status)
+  redis.call('PUBLISH', channel, cjson.encode({job = job, image = tonumber(i), stage = stage, status = status}))
+end
+
 -- Closes the job if every image has reached an end (done, failed or
 -- skipped), announcing it on the finished channel. Returns 1 if it closed.
 local function close_job_if_done(job, now, channel)

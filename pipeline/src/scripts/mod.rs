@@ -24,6 +24,7 @@ pub struct Scripts {
     pub reap_consumers: Script,
     pub park: Script,
     pub dispatch: Script,
+    pub rate_limit: Script,
 }
 
 impl Scripts {
@@ -40,6 +41,7 @@ impl Scripts {
             reap_consumers: with_lib(include_str!("reap_consumers.lua")),
             park: with_lib(include_str!("park.lua")),
             dispatch: with_lib(include_str!("dispatch.lua")),
+            rate_limit: with_lib(include_str!("rate_limit.lua")),
         }
     }
 }

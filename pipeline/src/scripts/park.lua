@@ -2,8 +2,8 @@
 -- the dispatcher then feeds downstream stages from all vendors' queues in
 -- weighted round-robin, so one vendor's backlog cannot bury another's.
 -- KEYS: rate-check stream, vendor queue, vendor ring, job
--- ARGV: group, entry id, item (next stage, job key, image, payload joined
---       by tabs), vendor, image index, now ms, finished channel
+-- ARGV: group, entry id, item (next stage, job key, job id, image, payload
+--       joined by tabs), vendor, image index, now ms, finished channel
 -- Returns 1 if queued, 0 for a duplicate delivery, 2 if the job was
 -- cancelled or is gone.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end

@@ -4,16 +4,17 @@
 -- one step, so it is never both pending and scheduled, nor neither.
 -- KEYS: this stage's stream, this stage's retry set, job, admitted counter
 -- ARGV: group, entry id, event payload, due ms, image index, status,
---       reason, attempts, now ms, finished channel, '1' if the image
---       holds an admission slot
+--       reason, attempts, now ms, finished channel, progress channel,
+--       job id, stage, '1' if the image holds an admission slot
 -- Returns 1 if scheduled, 0 for a duplicate delivery, 2 if the job was
 -- cancelled or is gone.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return 2 end
-if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], KEYS[4], ARGV[11]) then return 2 end
+if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], KEYS[4], ARGV[14]) then return 2 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 local i = ARGV[5]
 redis.call('HSET', KEYS[3], i .. ':status', ARGV[6], i .. ':error', ARGV[7],
   i .. ':attempts', ARGV[8], i .. ':resume_ms', ARGV[4], 'updated_ms', ARGV[9])
+progress(ARGV[11], ARGV[12], i, ARGV[13], ARGV[6])
 return 1
