@@ -35,6 +35,16 @@ pub struct DbCommitConfig {
     /// database is down every batch waits this long before it is retried
     /// later, so it bounds how long a worker sits on an outage.
     pub acquire_timeout_ms: u64,
+    /// A statement run for each result in the same transaction, to point
+    /// the shop's own table at the new image, e.g.
+    /// `UPDATE products SET image_url = :url WHERE id = :record_id AND vendor_id = :vendor_id`.
+    /// Values are bound, never spliced in; the placeholders are `:url`,
+    /// `:record_id`, `:vendor_id`, `:variant` and `:job_id`, all text (on
+    /// PostgreSQL cast where a column is not, e.g. `:record_id::bigint`).
+    /// Empty: no shop write.
+    pub shop_update_sql: String,
+    /// The variants the shop statement runs for. Empty: every variant.
+    pub shop_update_variants: Vec<String>,
 }
 
 impl Default for DbCommitConfig {
@@ -45,6 +55,8 @@ impl Default for DbCommitConfig {
             max_rows_per_statement: 500,
             max_connections: 4,
             acquire_timeout_ms: 10_000,
+            shop_update_sql: String::new(),
+            shop_update_variants: Vec::new(),
         }
     }
 }
@@ -130,12 +142,22 @@ impl DbCommitConfig {
                 "db_commit.batch_size and db_commit.max_rows_per_statement must be at least 1".into(),
             ));
         }
+        let dialect = Dialect::of_url(database_url).map_err(DbCommitError::Config)?;
+        let shop = if self.shop_update_sql.trim().is_empty() {
+            None
+        } else {
+            Some(
+                ShopUpdate::parse(&self.shop_update_sql, dialect)
+                    .map_err(|e| DbCommitError::Config(format!("db_commit.shop_update_sql: {e}")))?,
+            )
+        };
         let acquire = Duration::from_millis(self.acquire_timeout_ms.max(100));
         let (pool, dialect) = connect_with(database_url, self.max_connections, acquire).await?;
         let stage = DbCommitStage {
             pool,
             dialect,
             budget: AtomicUsize::new(usize::MAX),
+            shop,
             config: self.clone(),
         };
         if dialect == Dialect::MySql {
@@ -153,7 +175,124 @@ pub struct DbCommitStage {
     /// `max_allowed_packet` (MySQL only; unlimited elsewhere), lowered when
     /// the server refuses a statement.
     budget: AtomicUsize,
+    shop: Option<ShopUpdate>,
     config: DbCommitConfig,
+}
+
+/// A value the shop statement can refer to by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShopParam {
+    Url,
+    RecordId,
+    VendorId,
+    Variant,
+    JobId,
+}
+
+impl ShopParam {
+    fn of_name(name: &str) -> Option<ShopParam> {
+        match name {
+            "url" => Some(ShopParam::Url),
+            "record_id" => Some(ShopParam::RecordId),
+            "vendor_id" => Some(ShopParam::VendorId),
+            "variant" => Some(ShopParam::Variant),
+            "job_id" => Some(ShopParam::JobId),
+            _ => None,
+        }
+    }
+
+    fn of_row(self, r: &ResultRow) -> &str {
+        match self {
+            ShopParam::Url => &r.url,
+            ShopParam::RecordId => &r.record_id,
+            ShopParam::VendorId => &r.vendor_id,
+            ShopParam::Variant => &r.variant,
+            ShopParam::JobId => &r.job_id,
+        }
+    }
+}
+
+/// The configured shop statement, its named placeholders turned into the
+/// dialect's positional ones, and what to bind to each in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShopUpdate {
+    pub sql: String,
+    pub params: Vec<ShopParam>,
+}
+
+impl ShopUpdate {
+    /// Translates `:name` placeholders outside quotes and comments. A
+    /// positional placeholder in the template is refused: binding by
+    /// position would silently depend on our order.
+    pub fn parse(template: &str, dialect: Dialect) -> Result<ShopUpdate, String> {
+        let chars: Vec<char> = template.chars().collect();
+        let mut sql = String::with_capacity(template.len());
+        let mut params = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            match c {
+                '\'' | '"' | '`' => {
+                    // A quoted literal or identifier, copied as is; a doubled
+                    // quote inside it just closes and reopens it.
+                    let end = chars[i + 1..]
+                        .iter()
+                        .position(|&d| d == c)
+                        .ok_or_else(|| format!("unterminated {c} quote"))?;
+                    sql.extend(&chars[i..=i + 1 + end]);
+                    i += end + 2;
+                }
+                '-' if chars.get(i + 1) == Some(&'-') => {
+                    let end = chars[i..]
+                        .iter()
+                        .position(|&d| d == '\n')
+                        .map_or(chars.len(), |p| i + p);
+                    sql.extend(&chars[i..end]);
+                    i = end;
+                }
+                '/' if chars.get(i + 1) == Some(&'*') => {
+                    let end = (i + 2..chars.len().saturating_sub(1))
+                        .find(|&j| chars[j] == '*' && chars[j + 1] == '/')
+                        .ok_or("unterminated comment")?;
+                    sql.extend(&chars[i..end + 2]);
+                    i = end + 2;
+                }
+                ':' if chars.get(i + 1) == Some(&':') => {
+                    // A PostgreSQL cast.
+                    sql.push_str("::");
+                    i += 2;
+                }
+                ':' if chars.get(i + 1).is_some_and(|d| d.is_ascii_alphabetic() || *d == '_') => {
+                    let len = chars[i + 1..]
+                        .iter()
+                        .position(|d| !(d.is_ascii_alphanumeric() || *d == '_'))
+                        .unwrap_or(chars.len() - i - 1);
+                    let name: String = chars[i + 1..i + 1 + len].iter().collect();
+                    let p = ShopParam::of_name(&name).ok_or_else(|| {
+                        format!("unknown placeholder :{name} (known: :url, :record_id, :vendor_id, :variant, :job_id)")
+                    })?;
+                    params.push(p);
+                    match dialect {
+                        Dialect::Postgres => sql.push_str(&format!("${}", params.len())),
+                        _ => sql.push('?'),
+                    }
+                    i += 1 + len;
+                }
+                '?' => return Err("use named placeholders (:url, :record_id, ...), not ?".into()),
+                '$' if chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) => {
+                    return Err("use named placeholders (:url, :record_id, ...), not $n".into())
+                }
+                _ => {
+                    sql.push(c);
+                    i += 1;
+                }
+            }
+        }
+        if params.is_empty() {
+            return Err("the statement uses no placeholder, so it would write the same to every row".into());
+        }
+        Ok(ShopUpdate { sql, params })
+    }
 }
 
 /// The statement budget for a `max_allowed_packet`: a quarter is left for
@@ -427,6 +566,18 @@ impl DbCommitStage {
                 });
             }
         }
+        if let Some(shop) = &self.shop {
+            let wanted = &self.config.shop_update_variants;
+            for r in rows.iter().filter(|r| wanted.is_empty() || wanted.contains(&r.variant)) {
+                let mut q = sqlx::query(&shop.sql);
+                for p in &shop.params {
+                    q = q.bind(p.of_row(r).to_string());
+                }
+                // A shop row that does not exist (yet) is not our error:
+                // the result row is written either way.
+                q.execute(&mut *tx).await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -558,6 +709,45 @@ mod tests {
         let chunks = chunk_rows(&rows, 500, budget);
         assert!(chunks.iter().all(|c| c.len() == 10 || c.len() == 1000 % 10));
         assert_eq!(chunks.iter().map(|c| c.len()).sum::<usize>(), 1000);
+    }
+
+    #[test]
+    fn shop_placeholders_become_positional_in_order() {
+        let t = "UPDATE products SET image_url = :url WHERE id = :record_id AND vendor_id = :vendor_id";
+        let my = ShopUpdate::parse(t, Dialect::MySql).unwrap();
+        assert_eq!(
+            my.sql,
+            "UPDATE products SET image_url = ? WHERE id = ? AND vendor_id = ?"
+        );
+        assert_eq!(
+            my.params,
+            vec![ShopParam::Url, ShopParam::RecordId, ShopParam::VendorId]
+        );
+        let pg = ShopUpdate::parse(t, Dialect::Postgres).unwrap();
+        assert_eq!(
+            pg.sql,
+            "UPDATE products SET image_url = $1 WHERE id = $2 AND vendor_id = $3"
+        );
+    }
+
+    #[test]
+    fn shop_placeholders_skip_quotes_comments_and_casts() {
+        let t = "UPDATE p SET u = :url, note = ':not_a_param' /* :nor */ WHERE id = :record_id::bigint -- :this\n";
+        let pg = ShopUpdate::parse(t, Dialect::Postgres).unwrap();
+        assert_eq!(
+            pg.sql,
+            "UPDATE p SET u = $1, note = ':not_a_param' /* :nor */ WHERE id = $2::bigint -- :this\n"
+        );
+        assert_eq!(pg.params, vec![ShopParam::Url, ShopParam::RecordId]);
+    }
+
+    #[test]
+    fn shop_templates_with_unknown_or_positional_placeholders_are_refused() {
+        assert!(ShopUpdate::parse("UPDATE p SET u = :uri", Dialect::MySql).is_err());
+        assert!(ShopUpdate::parse("UPDATE p SET u = ? WHERE id = :record_id", Dialect::MySql).is_err());
+        assert!(ShopUpdate::parse("UPDATE p SET u = $1", Dialect::Postgres).is_err());
+        assert!(ShopUpdate::parse("UPDATE p SET u = 'x'", Dialect::Sqlite).is_err());
+        assert!(ShopUpdate::parse("UPDATE p SET u = 'x", Dialect::Sqlite).is_err());
     }
 
     #[test]

@@ -222,3 +222,90 @@ async fn a_stopped_database_loses_nothing() {
     assert_eq!(count_rows(&stage, &job).await, 300);
     stage.pool().close().await;
 }
+
+/// The shop's own table is updated in the same transaction, with values
+/// bound (a record id full of quotes is just a value).
+async fn shop_update_points_products_at_results(url: &str) {
+    let setup = DbCommitConfig::default().build(url).await.expect("building db-commit");
+    let table = format!("products_{}", common::uuid_hex());
+    sqlx::query(&format!(
+        "CREATE TABLE {table} (id VARCHAR(64) NOT NULL, vendor_id VARCHAR(64) NOT NULL, image_url VARCHAR(2048))"
+    ))
+    .execute(setup.pool())
+    .await
+    .unwrap();
+    let job = new_job();
+    let mut batch = events(&job, 3, 2);
+    batch[2].record_id = "x' OR '1'='1".into();
+    for (id, vendor) in [
+        ("sku-0", "vendor-1"),
+        ("sku-1", "vendor-1"),
+        ("sku-1", "vendor-2"),
+        ("x' OR '1'='1", "vendor-1"),
+    ] {
+        let sql = match setup.dialect() {
+            image_queue_stages::db_commit::Dialect::Postgres => {
+                format!("INSERT INTO {table} (id, vendor_id) VALUES ($1, $2)")
+            }
+            _ => format!("INSERT INTO {table} (id, vendor_id) VALUES (?, ?)"),
+        };
+        sqlx::query(&sql)
+            .bind(id)
+            .bind(vendor)
+            .execute(setup.pool())
+            .await
+            .unwrap();
+    }
+    let stage = DbCommitConfig {
+        shop_update_sql: format!(
+            "UPDATE {table} SET image_url = :url WHERE id = :record_id AND vendor_id = :vendor_id"
+        ),
+        shop_update_variants: vec!["v1".into()],
+        ..DbCommitConfig::default()
+    }
+    .build(url)
+    .await
+    .expect("building db-commit with a shop update");
+    assert_all_done(&stage.handle_batch(batch.clone()).await);
+
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(&format!(
+        "SELECT id, vendor_id, image_url FROM {table} ORDER BY id, vendor_id"
+    ))
+    .fetch_all(stage.pool())
+    .await
+    .unwrap();
+    let url_of = |i: usize| batch[i].outputs["v1"].url.clone();
+    assert_eq!(
+        rows,
+        vec![
+            ("sku-0".into(), "vendor-1".into(), url_of(0)),
+            ("sku-1".into(), "vendor-1".into(), url_of(1)),
+            ("sku-1".into(), "vendor-2".into(), None),
+            ("x' OR '1'='1".into(), "vendor-1".into(), url_of(2)),
+        ]
+    );
+    assert_eq!(count_rows(&stage, &job).await, 6);
+    stage.pool().close().await;
+    setup.pool().close().await;
+}
+
+#[tokio::test]
+async fn shop_update_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/results.db?mode=rwc", dir.path().display());
+    shop_update_points_products_at_results(&url).await;
+}
+
+#[tokio::test]
+async fn shop_update_on_mariadb() {
+    let db = ScratchDb::create(&common::shared_mysql_url()).await;
+    shop_update_points_products_at_results(&db.url).await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn shop_update_on_postgres() {
+    let db = ScratchDb::create(&common::shared_postgres_url()).await;
+    shop_update_points_products_at_results(&db.url).await;
+    db.drop_db().await;
+}
