@@ -13,7 +13,9 @@ use anyhow::{bail, Context};
 use image_queue_api::ApiConfig;
 use image_queue_pipeline::{RunnerConfig, StageName};
 use image_queue_stages::decode::DecodeLimits;
-use image_queue_stages::{BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig};
+use image_queue_stages::{
+    BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig, UploadConfig,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +57,9 @@ pub struct Config {
     pub face_crop: FaceCropConfig,
     pub resize: ResizeConfig,
     pub db_commit: DbCommitConfig,
+    /// Where results are uploaded. Absent: files under `media_dir`, served
+    /// by the API under `/media/`.
+    pub upload: Option<UploadConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +90,7 @@ impl Default for Config {
             face_crop: FaceCropConfig::default(),
             resize: ResizeConfig::default(),
             db_commit: DbCommitConfig::default(),
+            upload: None,
         }
     }
 }
