@@ -260,4 +260,23 @@ mod tests {
         assert_eq!(c.concurrency(StageName::Resize), 5);
         assert_eq!(c.redis_url, "redis://x/");
     }
+
+    #[test]
+    fn an_upload_section_picks_the_backend() {
+        let c: Config = toml::from_str("[upload]\nbackend = \"cloudinary\"\nfolder = \"shop\"\n").unwrap();
+        match c.upload {
+            Some(UploadConfig::Cloudinary {
+                credentials_env,
+                api_base,
+                folder,
+                ..
+            }) => {
+                assert_eq!(credentials_env, "CLOUDINARY_URL");
+                assert_eq!(api_base, "https://api.cloudinary.com");
+                assert_eq!(folder, "shop");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(toml::from_str::<Config>("").unwrap().upload.is_none());
+    }
 }
