@@ -13,7 +13,9 @@ use anyhow::{bail, Context};
 use image_queue_api::ApiConfig;
 use image_queue_pipeline::{RunnerConfig, StageName};
 use image_queue_stages::decode::DecodeLimits;
-use image_queue_stages::{BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig};
+use image_queue_stages::{
+    BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig, UploadConfig,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +57,9 @@ pub struct Config {
     pub face_crop: FaceCropConfig,
     pub resize: ResizeConfig,
     pub db_commit: DbCommitConfig,
+    /// Where results are uploaded. Absent: files under `media_dir`, served
+    /// by the API under `/media/`.
+    pub upload: Option<UploadConfig>,
 }
 
 impl Default for Config {
@@ -85,6 +90,7 @@ impl Default for Config {
             face_crop: FaceCropConfig::default(),
             resize: ResizeConfig::default(),
             db_commit: DbCommitConfig::default(),
+            upload: None,
         }
     }
 }
@@ -253,5 +259,24 @@ mod tests {
         assert_eq!(c.concurrency(StageName::BgRemoval), 6);
         assert_eq!(c.concurrency(StageName::Resize), 5);
         assert_eq!(c.redis_url, "redis://x/");
+    }
+
+    #[test]
+    fn an_upload_section_picks_the_backend() {
+        let c: Config = toml::from_str("[upload]\nbackend = \"cloudinary\"\nfolder = \"shop\"\n").unwrap();
+        match c.upload {
+            Some(UploadConfig::Cloudinary {
+                credentials_env,
+                api_base,
+                folder,
+                ..
+            }) => {
+                assert_eq!(credentials_env, "CLOUDINARY_URL");
+                assert_eq!(api_base, "https://api.cloudinary.com");
+                assert_eq!(folder, "shop");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(toml::from_str::<Config>("").unwrap().upload.is_none());
     }
 }

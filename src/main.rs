@@ -279,13 +279,13 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
         StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx, limits)),
         StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
         StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
-        StageName::Upload => Arc::new(
-            UploadConfig::Local {
+        StageName::Upload => {
+            let upload = config.upload.clone().unwrap_or_else(|| UploadConfig::Local {
                 dir: config.media_dir(),
                 public_base_url: format!("{}/media", config.public_url()),
-            }
-            .build(ctx),
-        ),
+            });
+            Arc::new(upload.build(ctx).context("setting up uploads")?)
+        }
         StageName::DbCommit => Arc::new(
             config
                 .db_commit

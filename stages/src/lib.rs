@@ -7,6 +7,7 @@
 //! whose `build()` makes the runtime object.
 
 pub mod bg_removal;
+pub mod cloudinary;
 pub mod db_commit;
 pub mod decode;
 pub mod face_crop;

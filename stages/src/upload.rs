@@ -3,15 +3,20 @@
 //!
 //! Object keys are deterministic, `<vendor>/<job>/<image>/<variant>.<ext>`,
 //! so a redelivered event overwrites what an earlier attempt wrote instead
-//! of leaving a second object.
+//! of leaving a second object. Backends: a local directory the API serves,
+//! or Cloudinary (see [`crate::cloudinary`]), whose asset ids are recorded
+//! in the event's notes under `cloudinary.<variant>`.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use image_queue_pipeline::{ImageEvent, Outcome, OutputRef, Stage, StageError, StageName};
 use serde::{Deserialize, Serialize};
 
+use crate::cloudinary::{self, Credentials};
 use crate::decode::sniff;
 use crate::StageContext;
 
@@ -24,20 +29,99 @@ pub enum UploadConfig {
         /// What URLs start with, e.g. `http://127.0.0.1:3001/media`.
         public_base_url: String,
     },
+    /// Cloudinary's signed Upload API.
+    Cloudinary {
+        /// The environment variable holding the account's
+        /// `cloudinary://<api_key>:<api_secret>@<cloud_name>` URL; the
+        /// secret is never written in the configuration itself.
+        #[serde(default = "default_cloudinary_env")]
+        credentials_env: String,
+        /// Where the API is; tests point it at a local stand-in.
+        #[serde(default = "default_cloudinary_api")]
+        api_base: String,
+        /// Folder above the per-vendor folders. Empty: vendors' folders
+        /// at the top.
+        #[serde(default)]
+        folder: String,
+        #[serde(default = "default_upload_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_cloudinary_env() -> String {
+    "CLOUDINARY_URL".into()
+}
+
+fn default_cloudinary_api() -> String {
+    "https://api.cloudinary.com".into()
+}
+
+fn default_upload_timeout_ms() -> u64 {
+    60_000
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("cloudinary credentials: {0}")]
+    Credentials(#[from] cloudinary::CredentialsError),
+    #[error("{0}")]
+    Client(String),
 }
 
 impl UploadConfig {
-    pub fn build(&self, ctx: StageContext) -> UploadStage {
-        UploadStage {
-            ctx,
-            config: self.clone(),
+    pub fn build(&self, ctx: StageContext) -> Result<UploadStage, UploadError> {
+        match self {
+            UploadConfig::Cloudinary { credentials_env, .. } => {
+                let credentials = Credentials::from_env(credentials_env)?;
+                self.build_with(ctx, Some(credentials))
+            }
+            UploadConfig::Local { .. } => self.build_with(ctx, None),
         }
     }
+
+    /// Builds with the given Cloudinary credentials instead of reading
+    /// them from the environment.
+    pub fn build_with(&self, ctx: StageContext, credentials: Option<Credentials>) -> Result<UploadStage, UploadError> {
+        let backend = match self {
+            UploadConfig::Local { dir, public_base_url } => Backend::Local {
+                dir: dir.clone(),
+                public_base_url: public_base_url.clone(),
+            },
+            UploadConfig::Cloudinary {
+                credentials_env,
+                api_base,
+                folder,
+                timeout_ms,
+            } => {
+                let credentials = credentials.ok_or_else(|| {
+                    UploadError::Credentials(cloudinary::CredentialsError::Missing(credentials_env.clone()))
+                })?;
+                let client = cloudinary::Client::new(api_base, credentials, Duration::from_millis(*timeout_ms))
+                    .map_err(UploadError::Client)?;
+                Backend::Cloudinary {
+                    client: Arc::new(client),
+                    folder: folder.trim_matches('/').to_string(),
+                }
+            }
+        };
+        Ok(UploadStage { ctx, backend })
+    }
+}
+
+enum Backend {
+    Local {
+        dir: PathBuf,
+        public_base_url: String,
+    },
+    Cloudinary {
+        client: Arc<cloudinary::Client>,
+        folder: String,
+    },
 }
 
 pub struct UploadStage {
     ctx: StageContext,
-    config: UploadConfig,
+    backend: Backend,
 }
 
 /// A key component: vendor ids and record ids are the vendor's; keep them
@@ -71,10 +155,19 @@ pub fn object_key(ev: &ImageEvent, variant: &str, ext: &str) -> String {
 }
 
 impl UploadStage {
-    async fn store(&self, key: &str, bytes: Bytes) -> Result<String, StageError> {
-        match &self.config {
-            UploadConfig::Local { dir, public_base_url } => {
-                let path = dir.join(key);
+    /// Stores one output of an image and returns its public URL.
+    async fn store(
+        &self,
+        ev: &mut ImageEvent,
+        variant: &str,
+        ext: &str,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> Result<String, StageError> {
+        match &self.backend {
+            Backend::Local { dir, public_base_url } => {
+                let key = object_key(ev, variant, ext);
+                let path = dir.join(&key);
                 if let Some(parent) = path.parent() {
                     tokio::fs::create_dir_all(parent)
                         .await
@@ -86,6 +179,35 @@ impl UploadStage {
                     .and(tokio::fs::rename(&tmp, &path).await)
                     .map_err(|e| StageError::retryable(format!("writing {key}: {e}")))?;
                 Ok(format!("{}/{}", public_base_url.trim_end_matches('/'), key))
+            }
+            Backend::Cloudinary { client, folder } => {
+                let vendor = safe_component(&ev.vendor);
+                let folder = if folder.is_empty() {
+                    vendor
+                } else {
+                    format!("{folder}/{vendor}")
+                };
+                let public_id = format!("{}/{}/{}", ev.job, ev.image, safe_component(variant));
+                let file_name = format!("{}.{ext}", safe_component(variant));
+                let up = client
+                    .upload(&folder, &public_id, &file_name, content_type, bytes)
+                    .await?;
+                let assets = ev
+                    .notes
+                    .entry("cloudinary")
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let Some(map) = assets.as_object_mut() {
+                    map.insert(
+                        variant.to_string(),
+                        serde_json::json!({
+                            "public_id": up.public_id,
+                            "version": up.version,
+                            "asset_id": up.asset_id,
+                            "secure_url": up.secure_url,
+                        }),
+                    );
+                }
+                Ok(up.secure_url)
             }
         }
     }
@@ -108,9 +230,8 @@ impl Stage for UploadStage {
                 Some(image::ImageFormat::Gif) => ("gif", "image/gif"),
                 _ => return Err(StageError::permanent("the result is not an image")),
             };
-            let key = object_key(&event, "image", ext);
             let len = bytes.len() as u64;
-            let url = self.store(&key, bytes).await?;
+            let url = self.store(&mut event, "image", ext, ct, bytes).await?;
             event.outputs.insert(
                 "image".into(),
                 OutputRef {
@@ -138,8 +259,7 @@ impl Stage for UploadStage {
                 .await
                 .map_err(|e| StageError::retryable(format!("reading blob {blob}: {e}")))?;
             let ext = blob.rsplit('.').next().unwrap_or("bin").to_string();
-            let key = object_key(&event, &name, &ext);
-            let url = self.store(&key, bytes).await?;
+            let url = self.store(&mut event, &name, &ext, &out.content_type, bytes).await?;
             let o = event.outputs.get_mut(&name).expect("listed above");
             o.url = Some(url);
             o.blob = None;
