@@ -206,6 +206,7 @@ async fn resized_event(ctx: &StageContext) -> (ImageEvent, Bytes) {
         working: None,
         outputs,
         notes: Default::default(),
+        slot: false,
         attempt: 0,
         submitted_ms: 0,
         traceparent: None,

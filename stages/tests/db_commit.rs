@@ -50,6 +50,7 @@ fn event(job: &str, image: u32, variants: usize) -> ImageEvent {
         working: None,
         outputs,
         notes,
+        slot: false,
         attempt: 0,
         submitted_ms: 1_700_000_000_000,
         traceparent: None,
