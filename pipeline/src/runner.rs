@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::panic::AssertUnwindSafe;
+
 use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -191,6 +194,10 @@ impl StageRunner {
         info!(stage = %self.name, consumer = %self.consumer, concurrency = self.cfg.concurrency, "worker started");
         let mut tasks = JoinSet::new();
         let maintenance = tokio::spawn(self.clone().maintain(shutdown.clone()));
+        // Renewal outlives the reader: in-flight work keeps its claims
+        // through the shutdown grace period.
+        let renew_stop = CancellationToken::new();
+        let renewer = tokio::spawn(self.clone().renew_claims(renew_stop.clone()));
         let dispatcher = self
             .fair()
             .then(|| tokio::spawn(self.clone().dispatch_loop(shutdown.clone())));
@@ -255,6 +262,8 @@ impl StageRunner {
             self.release(left).await;
         }
         maintenance.await.ok();
+        renew_stop.cancel();
+        renewer.await.ok();
         if let Some(d) = dispatcher {
             d.await.ok();
         }
@@ -337,7 +346,6 @@ impl StageRunner {
     /// Handles one unit of work (one entry, or one batch) to its end.
     async fn process(self: &Arc<Self>, unit: Vec<Delivery>) {
         let ids: Vec<String> = unit.iter().map(|d| d.id.clone()).collect();
-        let renewal = tokio::spawn(self.clone().renew_claims(ids.clone()));
         let mut events = Vec::with_capacity(unit.len());
         for d in unit {
             match d.payload.as_deref().map(ImageEvent::from_json) {
@@ -354,75 +362,81 @@ impl StageRunner {
                 self.finish(&id, ev, result).instrument(span).await;
             }
         }
-        renewal.abort();
         let mut f = self.in_flight.lock().unwrap();
         for id in &ids {
             f.remove(id);
         }
     }
 
-    /// Calls the stage in a task of its own, so a panic is caught and a
-    /// timeout can stop it; both count as failed attempts.
+    /// Calls the stage, catching a panic and stopping it at the timeout;
+    /// both count as failed attempts.
     async fn call_handler(&self, events: &[(String, ImageEvent)]) -> Vec<Result<Outcome, StageError>> {
-        let stage = self.stage.clone();
         let n = events.len();
         let first = &events[0].1;
         let span = info_span!("handle", stage = %self.name, job = %first.job, image = first.image,
             vendor = %first.vendor, attempt = first.attempt + 1, batch = n);
         let batch: Vec<ImageEvent> = events.iter().map(|(_, e)| e.clone()).collect();
-        let batching = self.stage.batching().is_some();
-        let task = tokio::spawn(
-            async move {
-                if batching {
-                    stage.handle_batch(batch).await
-                } else {
-                    let mut out = Vec::with_capacity(n);
-                    for ev in batch {
-                        out.push(stage.handle(ev).await);
-                    }
-                    out
+        let stage = &self.stage;
+        let work = async move {
+            if stage.batching().is_some() {
+                stage.handle_batch(batch).await
+            } else {
+                let mut out = Vec::with_capacity(n);
+                for ev in batch {
+                    out.push(stage.handle(ev).await);
                 }
+                out
             }
-            .instrument(span),
-        );
-        let abort = task.abort_handle();
+        };
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
         let all = |err: StageError| (0..n).map(|_| Err(err.clone())).collect();
-        match tokio::time::timeout(timeout, task).await {
+        // Dropping the future at the timeout stops the work.
+        match tokio::time::timeout(timeout, AssertUnwindSafe(work).catch_unwind().instrument(span)).await {
             Ok(Ok(results)) if results.len() == n => results,
             Ok(Ok(results)) => all(StageError::permanent(format!(
                 "stage returned {} results for {n} events",
                 results.len()
             ))),
-            Ok(Err(join)) => all(StageError::retryable(format!("handler panicked: {join}"))),
-            Err(_) => {
-                abort.abort();
-                all(StageError::retryable(format!(
-                    "timed out after {} ms",
-                    self.cfg.timeout_ms
-                )))
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                all(StageError::retryable(format!("handler panicked: {what}")))
             }
+            Err(_) => all(StageError::retryable(format!(
+                "timed out after {} ms",
+                self.cfg.timeout_ms
+            ))),
         }
     }
 
-    /// Keeps a long handler's entries from being reclaimed while it is alive,
-    /// by claiming them to ourselves again (which resets their idle time).
-    async fn renew_claims(self: Arc<Self>, ids: Vec<String>) {
+    /// Keeps long handlers' entries from being reclaimed while this worker
+    /// is alive, by claiming every in-flight entry to ourselves again (which
+    /// resets its idle time), all in one command.
+    async fn renew_claims(self: Arc<Self>, shutdown: CancellationToken) {
         let every = Duration::from_millis((self.cfg.claim_idle_ms / 3).max(10));
         let mut conn = self.p.conn.clone();
         loop {
-            tokio::time::sleep(every).await;
-            let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-                .arg(&self.stream)
-                .arg(self.group())
-                .arg(&self.consumer)
-                .arg(0)
-                .arg(&ids)
-                .arg("JUSTID")
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = r {
-                warn!(stage = %self.name, error = %e, "renewing a claim failed");
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+            let ids: Vec<String> = self.in_flight.lock().unwrap().iter().cloned().collect();
+            for chunk in ids.chunks(1000) {
+                let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
+                    .arg(&self.stream)
+                    .arg(self.group())
+                    .arg(&self.consumer)
+                    .arg(0)
+                    .arg(chunk)
+                    .arg("JUSTID")
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = r {
+                    warn!(stage = %self.name, error = %e, "renewing claims failed");
+                }
             }
         }
     }

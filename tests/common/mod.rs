@@ -78,7 +78,8 @@ impl TestEnv {
                     dir: self.media_dir(),
                     public_base_url: "http://media.test/media".into(),
                 }
-                .build(ctx),
+                .build(ctx)
+                .unwrap(),
             ),
             StageName::DbCommit => Arc::new(DbCommitConfig::default().build(&self.database_url()).await.unwrap()),
         }
