@@ -70,7 +70,12 @@ impl RedisServer {
             Fsync::EverySec => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
             Fsync::Off => cmd.args(["--appendonly", "no"]),
         };
-        cmd.stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true);
+        // A process group of its own: a Ctrl-C at the terminal must not stop
+        // Redis before the workers that still write to it.
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .process_group(0);
         let mut child = cmd.spawn().map_err(|e| {
             io::Error::new(
                 e.kind(),
