@@ -12,9 +12,11 @@
 
 pub mod blob;
 pub mod context;
+pub mod dlq;
 pub mod event;
 pub mod jobs;
 pub mod keys;
+pub mod metrics;
 pub mod redis_server;
 pub mod retry;
 pub mod runner;

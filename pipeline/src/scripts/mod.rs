@@ -22,6 +22,7 @@ pub struct Scripts {
     pub trim: Script,
     pub cancel: Script,
     pub reap_consumers: Script,
+    pub replay: Script,
 }
 
 impl Scripts {
@@ -36,6 +37,7 @@ impl Scripts {
             trim: with_lib(include_str!("trim.lua")),
             cancel: with_lib(include_str!("cancel.lua")),
             reap_consumers: with_lib(include_str!("reap_consumers.lua")),
+            replay: with_lib(include_str!("replay.lua")),
         }
     }
 }
