@@ -6,7 +6,10 @@
 //! status, and internal details logged, never shown.
 
 pub mod auth;
+pub mod dashboard;
 pub mod error;
+pub mod metrics;
+pub mod ops;
 pub mod routes;
 
 use std::path::PathBuf;
@@ -63,8 +66,15 @@ pub fn app(state: AppState) -> Router {
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
+        .route("/api/admin/dlq", get(ops::list).delete(ops::purge))
+        .route("/api/admin/dlq/{id}", get(ops::show).delete(ops::delete))
+        .route("/api/admin/dlq/{id}/replay", post(ops::replay))
+        .route("/api/admin/job/{id}", get(ops::job))
+        .route("/metrics", get(metrics::scrape))
+        .merge(dashboard::routes())
         .fallback(routes::not_found)
-        .layer(DefaultBodyLimit::max(body_limit));
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(metrics::track));
     if let Some(dir) = &state.media_dir {
         router = router.nest_service("/media", tower_http::services::ServeDir::new(dir));
     }
