@@ -96,7 +96,15 @@ async fn replaying_dead_letters_after_a_fix_completes_the_job() {
         assert_eq!(d["job"], job.as_str());
         assert_eq!(d["attempts"], 1);
         assert_eq!(d["event"]["job"], job.as_str(), "the event travels with it");
+        let tp = d["event"]["traceparent"]
+            .as_str()
+            .expect("every event carries a traceparent");
+        assert!(image_queue_pipeline::trace::trace_id(tp).is_some(), "{tp}");
     }
+    assert_eq!(
+        letters[0]["event"]["traceparent"], letters[1]["event"]["traceparent"],
+        "one job is one trace"
+    );
     // Filters.
     let (_, none) = get_json(&api, "/api/admin/dlq?stage=upload", ADMIN_KEY).await;
     assert_eq!(none["dead_letters"].as_array().unwrap().len(), 0);

@@ -23,6 +23,7 @@ pub mod runner;
 pub mod scripts;
 pub mod stage;
 pub mod stats;
+pub mod trace;
 
 pub use blob::{BlobStore, LocalBlobStore};
 pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};

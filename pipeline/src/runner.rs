@@ -332,8 +332,8 @@ impl StageRunner {
             let results = self.call_handler(&events).await;
             crate::metrics::observe_handle(self.name, started.elapsed());
             for ((id, ev), result) in events.into_iter().zip(results) {
-                let span =
-                    info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image, vendor = %ev.vendor);
+                let span = info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image,
+                    vendor = %ev.vendor, trace_id = trace_id_of(&ev));
                 self.finish(&id, ev, result).instrument(span).await;
             }
         }
@@ -351,7 +351,7 @@ impl StageRunner {
         let n = events.len();
         let first = &events[0].1;
         let span = info_span!("handle", stage = %self.name, job = %first.job, image = first.image,
-            vendor = %first.vendor, attempt = first.attempt + 1, batch = n);
+            vendor = %first.vendor, attempt = first.attempt + 1, batch = n, trace_id = trace_id_of(first));
         let batch: Vec<ImageEvent> = events.iter().map(|(_, e)| e.clone()).collect();
         let batching = self.stage.batching().is_some();
         let task = tokio::spawn(
@@ -898,6 +898,11 @@ impl Step {
             _ => None,
         }
     }
+}
+
+/// The trace id of an event's `traceparent`, for spans; empty if none.
+fn trace_id_of(ev: &ImageEvent) -> &str {
+    ev.traceparent.as_deref().and_then(crate::trace::trace_id).unwrap_or("")
 }
 
 fn to_delivery(entry: StreamId) -> Delivery {
