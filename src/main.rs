@@ -6,6 +6,7 @@
 
 mod bench;
 mod config;
+mod ops;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use clap::{Parser, Subcommand};
 use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{stats, BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
+use image_queue_pipeline::{BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
 use image_queue_stages::{fetch::Fetcher, StageContext, UploadConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -67,6 +68,9 @@ enum Command {
         /// Events handled at once by this process (default per stage: the seed's 3/3/5).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Serve this worker's Prometheus metrics at http://<address>/metrics.
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -75,8 +79,20 @@ enum Command {
         #[command(subcommand)]
         action: VendorAction,
     },
-    /// Print the pipeline's stats once, as JSON.
-    Stats,
+    /// Show the pipeline's stats: a live table saying which stage to scale.
+    Stats {
+        /// Print them once, as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds between refreshes of the table.
+        #[arg(long, default_value_t = 2)]
+        every: u64,
+    },
+    /// List, show, replay or purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: ops::DlqAction,
+    },
     /// Print the effective configuration as TOML.
     Config,
     /// Measure the queue itself on a Redis of yours.
@@ -159,7 +175,11 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let shutdown = shutdown_on_signal();
             serve_api(&config, p, shutdown).await
         }
-        Command::Worker { stage, concurrency } => {
+        Command::Worker {
+            stage,
+            concurrency,
+            metrics_listen,
+        } => {
             let name = StageName::parse(&stage).with_context(|| {
                 format!("no stage {stage:?}: rate-check, bg-removal, face-crop, resize, upload or db-commit")
             })?;
@@ -169,8 +189,25 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 }
                 config.concurrency.insert(name.as_str().into(), c);
             }
+            image_queue_api::metrics::install();
             let p = connect(&config).await?;
             let shutdown = shutdown_on_signal();
+            if let Some(addr) = metrics_listen {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("listening on {addr}"))?;
+                let s = shutdown.clone();
+                tokio::spawn(async move {
+                    let router = axum::Router::new().route(
+                        "/metrics",
+                        axum::routing::get(|| async { image_queue_api::metrics::install().render() }),
+                    );
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(async move { s.cancelled().await })
+                        .await
+                        .ok();
+                });
+            }
             let stage = build_stage(name, &config, &p).await?;
             StageRunner::new(p, stage, config.runner(name)).run(shutdown).await?;
             Ok(())
@@ -208,11 +245,13 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats => {
+        Command::Stats { json, every } => {
             let p = connect(&config).await?;
-            let s = stats::collect(&p).await?;
-            println!("{}", serde_json::to_string_pretty(&s)?);
-            Ok(())
+            ops::stats(&p, json, std::time::Duration::from_secs(every.max(1))).await
+        }
+        Command::Dlq { action } => {
+            let p = connect(&config).await?;
+            ops::dlq_command(&p, action).await
         }
         Command::Bench {
             what:
@@ -298,6 +337,7 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
 
 async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
     config.api.validate().map_err(anyhow::Error::msg)?;
+    image_queue_api::metrics::install();
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {
         jobs: JobStore::new(p.clone(), config.job_retention_secs),
@@ -334,6 +374,8 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
         config.redis_url = server.url();
         embedded = Some(server);
     }
+    // Before any stage runs, so that no count is recorded into the void.
+    image_queue_api::metrics::install();
     let p = connect(&config).await?;
     let shutdown = shutdown_on_signal();
     let demo_key = demo_vendor(&config, &p).await?;

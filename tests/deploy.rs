@@ -1,6 +1,8 @@
 //! No Docker engine runs where the tests run, so the deployment files are
 //! checked by reading them: docker-compose.yml parses, has every service,
-//! and its commands and environment are accepted by the binary itself.
+//! and its commands and environment are accepted by the binary itself; the
+//! Kubernetes manifests have a Deployment the binary accepts and a KEDA
+//! ScaledObject on the right stream and group for every stage.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -121,4 +123,100 @@ fn every_stage_has_a_service_whose_command_and_environment_the_binary_accepts() 
             .unwrap();
         assert!(help.status.success(), "{name}");
     }
+}
+
+/// Every document of every YAML file under deploy/kubernetes.
+fn kubernetes() -> Vec<Yaml> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/kubernetes");
+    let mut docs = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("deploy/kubernetes exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let parsed = YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        docs.extend(parsed.into_iter().filter(|d| !d.is_null()));
+    }
+    docs
+}
+
+fn find<'a>(docs: &'a [Yaml], kind: &str, name: &str) -> &'a Yaml {
+    docs.iter()
+        .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes"))
+}
+
+/// The binary accepts a container's args (`--help` appended) and its
+/// ConfigMap environment.
+fn check_container(docs: &[Yaml], deployment: &Yaml) -> Vec<String> {
+    let bin = env!("CARGO_BIN_EXE_image-queue");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args = strings(&container["args"]);
+    let help = Command::new(bin).args(&args).arg("--help").output().unwrap();
+    assert!(
+        help.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&help.stderr)
+    );
+    let cm_name = container["envFrom"][0]["configMapRef"]["name"].as_str().unwrap();
+    let cm = find(docs, "ConfigMap", cm_name);
+    let env: Vec<(String, String)> = cm["data"]
+        .as_hash()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str().unwrap().to_string(), v.as_str().unwrap().to_string()))
+        .collect();
+    let out = Command::new(bin).arg("config").env_clear().envs(env).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    args
+}
+
+#[test]
+fn kubernetes_has_a_deployment_and_a_lag_scaled_object_per_stage() {
+    let docs = kubernetes();
+    let keys = image_queue_pipeline::Keys::new("iq");
+    for stage in StageName::ALL {
+        let name = format!("image-queue-{stage}");
+        let deployment = find(&docs, "Deployment", &name);
+        let args = check_container(&docs, deployment);
+        assert_eq!(&args[..3], ["worker", "--stage", stage.as_str()], "{stage}");
+        let grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap();
+        assert!(grace > 25, "{stage}: the grace period must outlast the runner's 25 s");
+
+        let so = find(&docs, "ScaledObject", &name);
+        assert_eq!(so["spec"]["scaleTargetRef"]["name"].as_str(), Some(name.as_str()));
+        let (min, max) = (
+            so["spec"]["minReplicaCount"].as_i64().unwrap(),
+            so["spec"]["maxReplicaCount"].as_i64().unwrap(),
+        );
+        assert!(1 <= min && min <= max, "{stage}: {min}..{max}");
+        let trigger = &so["spec"]["triggers"][0];
+        assert_eq!(trigger["type"].as_str(), Some("redis-streams"), "{stage}");
+        let meta = &trigger["metadata"];
+        assert_eq!(meta["stream"].as_str(), Some(keys.stream(stage).as_str()), "{stage}");
+        assert_eq!(meta["consumerGroup"].as_str(), Some(keys.group(stage)), "{stage}");
+        let lag: u64 = meta["lagCount"].as_str().unwrap().parse().unwrap();
+        assert!(lag > 0, "{stage}");
+        if stage == StageName::BgRemoval {
+            // Three rembg instances, two requests each at once, and each
+            // pod's --concurrency: no more pods than the pool can serve.
+            let per_pod: i64 = args[args.iter().position(|a| a == "--concurrency").unwrap() + 1]
+                .parse()
+                .unwrap();
+            assert!(
+                max * per_pod <= 3 * 2,
+                "bg-removal may outgrow the rembg pool: {max} × {per_pod}"
+            );
+        }
+    }
+    let api = find(&docs, "Deployment", "image-queue-api");
+    let args = check_container(&docs, api);
+    assert_eq!(args[0], "api");
+    find(&docs, "Service", "image-queue-api");
 }

@@ -7,9 +7,12 @@
 
 pub mod admin;
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod openapi;
+pub mod ops;
 pub mod ratelimit;
 pub mod routes;
 
@@ -86,10 +89,17 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::spec))
         .route("/api/admin/dead-letters", get(admin::dead_letters))
         .route("/api/admin/vendors", post(admin::add_vendor))
+        .route("/api/admin/dlq", get(ops::list).delete(ops::purge))
+        .route("/api/admin/dlq/{id}", get(ops::show).delete(ops::delete))
+        .route("/api/admin/dlq/{id}/replay", post(ops::replay))
+        .route("/api/admin/job/{id}", get(ops::job))
+        .route("/metrics", get(metrics::scrape))
+        .merge(dashboard::routes())
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(from_fn_with_state(state.clone(), ratelimit::limit_writes));
+        .layer(from_fn_with_state(state.clone(), ratelimit::limit_writes))
+        .layer(axum::middleware::from_fn(metrics::track));
     if let Some(dir) = &state.media_dir {
         router = router.nest_service("/media", tower_http::services::ServeDir::new(dir));
     }

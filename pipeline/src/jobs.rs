@@ -116,6 +116,8 @@ impl JobStore {
         let now = now_ms();
         let keys = &self.p.keys;
         let ops: Vec<&str> = job.operations.iter().map(|o| o.as_str()).collect();
+        // One job is one trace, whether the caller started it or not.
+        let traceparent = crate::trace::accept_or_new(job.traceparent.as_deref());
         let mut inv = self.p.scripts.submit.prepare_invoke();
         inv.key(keys.job(&job.id))
             .key(keys.stream(StageName::RateCheck))
@@ -146,7 +148,7 @@ impl JobStore {
                 slot: false,
                 attempt: 0,
                 submitted_ms: now,
-                traceparent: job.traceparent.clone(),
+                traceparent: Some(traceparent.clone()),
             };
             inv.arg(&img.record_id).arg(event.to_json());
         }

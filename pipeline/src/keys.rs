@@ -122,6 +122,17 @@ impl Keys {
     pub fn counters(&self, stage: StageName) -> String {
         format!("{}:counters:{}", self.base, stage.as_str())
     }
+
+    /// One minute's counters of a stage (`minute` since the epoch); kept a
+    /// few minutes for the 1- and 5-minute throughput figures.
+    pub fn counters_minute(&self, stage: StageName, minute: u64) -> String {
+        format!("{}:counters:{}:{}", self.base, stage.as_str(), minute)
+    }
+
+    /// Stream recording each dead letter replayed: which, where to, when.
+    pub fn replays(&self) -> String {
+        format!("{}:replays", self.base)
+    }
 }
 
 #[cfg(test)]

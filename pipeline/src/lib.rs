@@ -12,15 +12,18 @@
 
 pub mod blob;
 pub mod context;
+pub mod dlq;
 pub mod event;
 pub mod jobs;
 pub mod keys;
+pub mod metrics;
 pub mod redis_server;
 pub mod retry;
 pub mod runner;
 pub mod scripts;
 pub mod stage;
 pub mod stats;
+pub mod trace;
 
 pub use blob::{BlobStore, LocalBlobStore};
 pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};

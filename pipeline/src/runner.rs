@@ -355,10 +355,12 @@ impl StageRunner {
             }
         }
         if !events.is_empty() {
+            let started = Instant::now();
             let results = self.call_handler(&events).await;
+            crate::metrics::observe_handle(self.name, started.elapsed());
             for ((id, ev), result) in events.into_iter().zip(results) {
-                let span =
-                    info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image, vendor = %ev.vendor);
+                let span = info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image,
+                    vendor = %ev.vendor, trace_id = trace_id_of(&ev));
                 self.finish(&id, ev, result).instrument(span).await;
             }
         }
@@ -374,7 +376,7 @@ impl StageRunner {
         let n = events.len();
         let first = &events[0].1;
         let span = info_span!("handle", stage = %self.name, job = %first.job, image = first.image,
-            vendor = %first.vendor, attempt = first.attempt + 1, batch = n);
+            vendor = %first.vendor, attempt = first.attempt + 1, batch = n, trace_id = trace_id_of(first));
         let batch: Vec<ImageEvent> = events.iter().map(|(_, e)| e.clone()).collect();
         let stage = &self.stage;
         let work = async move {
@@ -507,18 +509,34 @@ impl StageRunner {
                     .with_max_times(40),
             )
             .await;
+        if r.is_ok() {
+            crate::metrics::count(&self.p, self.name, step.counted()).await;
+        }
         match r {
             Ok(closed) if closed => {
                 if let Some(job) = step.job() {
-                    if let Err(e) = self.p.blobs.delete_job(job).await {
-                        warn!(job, error = %e, "removing a finished job's blobs failed");
-                    }
+                    self.remove_blobs_unless_failed(job).await;
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 error!(stage = %self.name, entry = id, error = %e, "could not record a result; the entry stays pending")
             }
+        }
+    }
+
+    /// Removes a closed job's blobs, unless some image of it failed: a dead
+    /// letter can only be replayed while the blobs its event names exist,
+    /// so those stay until the sweep (`blob_ttl_ms`) takes them.
+    async fn remove_blobs_unless_failed(&self, job: &str) {
+        let mut conn = self.p.conn.clone();
+        let failed: redis::RedisResult<Option<u64>> = conn.hget(self.p.keys.job(job), "failed").await;
+        if failed.as_ref().is_ok_and(|f| f.unwrap_or(0) > 0) {
+            debug!(job, "keeping a failed job's blobs for replay");
+            return;
+        }
+        if let Err(e) = self.p.blobs.delete_job(job).await {
+            warn!(job, error = %e, "removing a finished job's blobs failed");
         }
     }
 
@@ -691,8 +709,9 @@ impl StageRunner {
             .arg(flag(false))
             .invoke_async(&mut conn)
             .await;
-        if let Err(e) = r {
-            error!(error = %e, "dead-lettering failed; the entry stays pending");
+        match r {
+            Ok(_) => crate::metrics::count(&self.p, self.name, crate::metrics::Counted::Dead).await,
+            Err(e) => error!(error = %e, "dead-lettering failed; the entry stays pending"),
         }
     }
 
@@ -983,6 +1002,18 @@ enum Step {
 }
 
 impl Step {
+    fn counted(&self) -> crate::metrics::Counted {
+        use crate::metrics::Counted;
+        match self {
+            Step::Handoff(..) | Step::Park(..) | Step::Complete(_) => Counted::Processed,
+            Step::Retry {
+                status: "throttled", ..
+            } => Counted::Throttled,
+            Step::Retry { .. } => Counted::Retried,
+            Step::Dead { .. } => Counted::Dead,
+        }
+    }
+
     fn job(&self) -> Option<&str> {
         match self {
             Step::Complete(ev) | Step::Dead { event: ev, .. } => Some(&ev.job),
@@ -997,6 +1028,11 @@ fn flag(b: bool) -> &'static str {
     } else {
         "0"
     }
+}
+
+/// The trace id of an event's `traceparent`, for spans; empty if none.
+fn trace_id_of(ev: &ImageEvent) -> &str {
+    ev.traceparent.as_deref().and_then(crate::trace::trace_id).unwrap_or("")
 }
 
 fn to_delivery(entry: StreamId) -> Delivery {

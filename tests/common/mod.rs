@@ -3,6 +3,8 @@
 //! for them.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::collections::HashSet;
 use std::io::Cursor;
 use std::sync::Arc;

@@ -25,6 +25,7 @@ pub struct Scripts {
     pub park: Script,
     pub dispatch: Script,
     pub rate_limit: Script,
+    pub replay: Script,
 }
 
 impl Scripts {
@@ -42,6 +43,7 @@ impl Scripts {
             park: with_lib(include_str!("park.lua")),
             dispatch: with_lib(include_str!("dispatch.lua")),
             rate_limit: with_lib(include_str!("rate_limit.lua")),
+            replay: with_lib(include_str!("replay.lua")),
         }
     }
 }

@@ -1,0 +1,118 @@
+//! What the runner counts as it finishes events: Prometheus metrics through
+//! the `metrics` facade (the exporter lives in the binary), and per-stage
+//! counters in Redis that every process and the stats can read.
+//!
+//! Throughput comes from those Redis counters rather than from sampling
+//! `XINFO STREAM`'s `entries-added` in the API: a sample needs a process
+//! that has been watching for minutes, each API replica would see its own
+//! history, and `entries-added` counts arrivals (including retries coming
+//! back), not work done. The counters cost one pipelined round trip per
+//! finished event: a lifetime hash per stage and a hash per stage and minute
+//! that expires on its own, so nothing needs sweeping.
+
+use std::time::Duration;
+
+use crate::context::Pipeline;
+use crate::event::StageName;
+use crate::now_ms;
+
+/// Minute buckets are kept this long (seconds): enough for the 5-minute
+/// figure and the minute it straddles.
+const MINUTE_BUCKET_TTL_S: u64 = 7 * 60;
+
+/// What became of one event at a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Done: handed to the next stage or completed.
+    Processed,
+    /// Failed an attempt and will be tried again.
+    Retried,
+    /// Held back until its vendor's quota refills.
+    Throttled,
+    /// Failed for good: dead-lettered.
+    Dead,
+}
+
+impl Counted {
+    /// The Redis hash field counting this outcome.
+    pub fn field(self) -> &'static str {
+        match self {
+            Counted::Processed => "processed",
+            Counted::Retried => "retried",
+            Counted::Throttled => "throttled",
+            Counted::Dead => "dead",
+        }
+    }
+
+    fn metric(self) -> &'static str {
+        match self {
+            Counted::Processed => "image_queue_events_processed_total",
+            Counted::Retried => "image_queue_events_retried_total",
+            Counted::Throttled => "image_queue_events_throttled_total",
+            Counted::Dead => "image_queue_events_dead_lettered_total",
+        }
+    }
+
+    /// A failed attempt, whether retried or dead-lettered.
+    fn is_failure(self) -> bool {
+        matches!(self, Counted::Retried | Counted::Dead)
+    }
+}
+
+/// Describes the metrics once, so the exporter prints their help text.
+pub fn describe() {
+    metrics::describe_counter!(
+        "image_queue_events_processed_total",
+        "Events a stage finished and passed on"
+    );
+    metrics::describe_counter!(
+        "image_queue_events_failed_total",
+        "Failed attempts at a stage, retried or not"
+    );
+    metrics::describe_counter!(
+        "image_queue_events_retried_total",
+        "Failed attempts scheduled for another try"
+    );
+    metrics::describe_counter!(
+        "image_queue_events_throttled_total",
+        "Events held back by a vendor's quota"
+    );
+    metrics::describe_counter!(
+        "image_queue_events_dead_lettered_total",
+        "Events given up on and dead-lettered"
+    );
+    metrics::describe_histogram!(
+        "image_queue_handle_seconds",
+        metrics::Unit::Seconds,
+        "Time a stage's handler took for one event or batch"
+    );
+}
+
+/// Records a handler's running time.
+pub fn observe_handle(stage: StageName, took: Duration) {
+    metrics::histogram!("image_queue_handle_seconds", "stage" => stage.as_str()).record(took.as_secs_f64());
+}
+
+/// Counts one finished event, in this process's metrics and in Redis.
+/// Losing a count (Redis away for a moment) is acceptable; delaying the
+/// pipeline for it is not, so a failure is only logged.
+pub async fn count(p: &Pipeline, stage: StageName, what: Counted) {
+    metrics::counter!(what.metric(), "stage" => stage.as_str()).increment(1);
+    if what.is_failure() {
+        metrics::counter!("image_queue_events_failed_total", "stage" => stage.as_str()).increment(1);
+    }
+    let minute = now_ms() / 60_000;
+    let bucket = p.keys.counters_minute(stage, minute);
+    let mut pipe = redis::pipe();
+    pipe.hincr(p.keys.counters(stage), what.field(), 1).ignore();
+    pipe.hincr(&bucket, what.field(), 1).ignore();
+    if what.is_failure() {
+        pipe.hincr(p.keys.counters(stage), "failed", 1).ignore();
+        pipe.hincr(&bucket, "failed", 1).ignore();
+    }
+    pipe.expire(&bucket, MINUTE_BUCKET_TTL_S as i64).ignore();
+    let mut conn = p.conn.clone();
+    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        tracing::debug!(stage = %stage, error = %e, "counting an event failed");
+    }
+}

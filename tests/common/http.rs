@@ -1,0 +1,64 @@
+//! The real API on a loopback port, for tests that speak HTTP to it.
+
+use image_queue_api::{app, ApiConfig, AppState, Auth};
+use image_queue_pipeline::JobStore;
+use tokio_util::sync::CancellationToken;
+
+use super::TestEnv;
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789";
+
+pub struct Api {
+    pub base: String,
+    /// A key of vendor `vendor-a`.
+    pub vendor_key: String,
+    pub client: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Api {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl TestEnv {
+    /// Serves the API (admin key [`ADMIN_KEY`]) until the returned value drops.
+    pub async fn serve_api(&self) -> Api {
+        let auth = Auth::new(self.pipeline.clone(), Some(ADMIN_KEY));
+        let vendor_key = auth.add_vendor("vendor-a").await.expect("creating a vendor key");
+        let state = AppState {
+            jobs: JobStore::new(self.pipeline.clone(), 3600),
+            blobs: self.pipeline.blobs.clone(),
+            auth,
+            config: ApiConfig::default(),
+            media_dir: Some(self.media_dir()),
+            progress: image_queue_api::events::ProgressHub::new(self.pipeline.clone()),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(
+                listener,
+                app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+            .unwrap();
+        });
+        Api {
+            base,
+            vendor_key,
+            client: reqwest::Client::new(),
+            stop,
+        }
+    }
+}
