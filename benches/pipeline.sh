@@ -34,9 +34,11 @@ done
 # memory, so one hop is bounded by XADD + XACK + HSET; six hops a job.
 redis-cli -p "$PORT" XGROUP CREATE ceil g '$' MKSTREAM >/dev/null
 PAYLOAD=$(python3 -c 'print("x"*420)')
-xadd=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q XADD ceil '*' e "$PAYLOAD" | awk '{print $2}')
-hset=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q HSET job:__rand_int__ 0:stage resize 0:status processing | awk '{print $2}')
-xack=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q XACK ceil g 0-1 | awk '{print $2}')
+# `redis-benchmark -q` ends with "<command>: <n> requests per second, ...".
+rps() { tr '\r' '\n' | grep -o '[0-9.]* requests per second' | tail -n1 | cut -d' ' -f1; }
+xadd=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q XADD ceil '*' e "$PAYLOAD" | rps)
+hset=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q HSET job:__rand_int__ 0:stage resize 0:status processing | rps)
+xack=$(redis-benchmark -p "$PORT" -n 200000 -P 64 -q XACK ceil g 0-1 | rps)
 
 python3 - "$JOBS" "$xadd" "$hset" "$xack" <<'PY' "${ours[@]}" "--" "${bull[@]}" "--" "${ours_paced[@]}" "--" "${bull_paced[@]}"
 import json, statistics, sys

@@ -210,6 +210,9 @@ pub async fn replay(p: &Pipeline, id: &str, to: Option<StageName>) -> Result<Rep
     let from = StageName::parse(&d.stage).ok_or(ReplayError::Unreadable)?;
     let to = to.unwrap_or(from);
     event.attempt = 0;
+    // Its dead-lettering released its admission slot; a replay bypasses the
+    // window rather than release that slot a second time.
+    event.slot = false;
     let mut conn = p.conn.clone();
     let r: i64 = p
         .scripts

@@ -518,7 +518,11 @@ impl StageRunner {
                     self.remove_blobs_unless_failed(job).await;
                 }
             }
-            Ok(_) => {}
+            Ok(_) => {
+                if matches!(step, Step::Park(..)) {
+                    self.parked.notify_one();
+                }
+            }
             Err(e) => {
                 error!(stage = %self.name, entry = id, error = %e, "could not record a result; the entry stays pending")
             }
