@@ -315,7 +315,7 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
     let limits = config.decode.clone();
     Ok(match name {
         StageName::RateCheck => Arc::new(config.rate_check.build()),
-        StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx, limits)),
+        StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx, limits).map_err(|e| anyhow::anyhow!(e))?),
         StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
         StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
         StageName::Upload => {

@@ -113,6 +113,25 @@ fn every_stage_has_a_service_whose_command_and_environment_the_binary_accepts() 
         );
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("data_dir = \"/data\""), "{text}");
+        if stage == StageName::BgRemoval {
+            // The rembg pool over the three rembg services.
+            let config: toml::Table = text.parse().unwrap();
+            let bg = &config["bg_removal"];
+            assert_eq!(bg["engine"].as_str(), Some("rembg"), "{text}");
+            let urls: Vec<&str> = bg["urls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_str().unwrap())
+                .collect();
+            assert_eq!(
+                urls,
+                ["http://rembg-0:7000", "http://rembg-1:7000", "http://rembg-2:7000"]
+            );
+            for i in 0..3 {
+                assert!(doc["services"][format!("rembg-{i}").as_str()].as_hash().is_some());
+            }
+        }
     }
     for name in ["api", "migrate"] {
         let svc = service(&doc, name);

@@ -4,7 +4,8 @@
 //! The engine is chosen in config. `border-key` removes the background
 //! colour connected to the image's border (a flood fill within a colour
 //! tolerance): exact and fast for product shots on a plain backdrop, which
-//! is most of what marketplaces get.
+//! is most of what marketplaces get. `rembg` sends the image to a pool of
+//! rembg servers (see [`crate::rembg`]) and records which one cut it out.
 
 use std::collections::VecDeque;
 use std::io::Cursor;
@@ -16,6 +17,7 @@ use image_queue_pipeline::{ImageEvent, Outcome, Stage, StageError, StageName};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode, DecodeLimits};
+use crate::rembg::{RembgConfig, RembgPool};
 use crate::{cpu, StageContext};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +29,8 @@ pub enum BgRemovalConfig {
         #[serde(default = "default_tolerance")]
         tolerance: f32,
     },
+    /// A pool of rembg servers.
+    Rembg(RembgConfig),
 }
 
 fn default_tolerance() -> f32 {
@@ -42,19 +46,43 @@ impl Default for BgRemovalConfig {
 }
 
 impl BgRemovalConfig {
-    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> BgRemovalStage {
-        BgRemovalStage {
-            ctx,
-            limits,
-            config: self.clone(),
-        }
+    /// Builds the stage; fails on a configuration that cannot work (no
+    /// rembg URL, a missing model), so a worker refuses to start with it.
+    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> Result<BgRemovalStage, String> {
+        let engine = match self {
+            BgRemovalConfig::BorderKey { tolerance } => Engine::BorderKey { tolerance: *tolerance },
+            BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
+        };
+        Ok(BgRemovalStage { ctx, limits, engine })
     }
+}
+
+enum Engine {
+    BorderKey { tolerance: f32 },
+    Rembg(RembgPool),
 }
 
 pub struct BgRemovalStage {
     ctx: StageContext,
     limits: DecodeLimits,
-    config: BgRemovalConfig,
+    engine: Engine,
+}
+
+impl BgRemovalStage {
+    /// The rembg pool, when that is the engine (for its status).
+    pub fn rembg_pool(&self) -> Option<&RembgPool> {
+        match &self.engine {
+            Engine::Rembg(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+fn encode_png(img: &DynamicImage, what: &str) -> Result<Bytes, StageError> {
+    let mut out = Vec::new();
+    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+        .map_err(|e| StageError::permanent(format!("encoding {what}: {e}")))?;
+    Ok(Bytes::from(out))
 }
 
 #[async_trait]
@@ -66,19 +94,31 @@ impl Stage for BgRemovalStage {
     async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
         let bytes = self.ctx.working_image(&event).await?;
         let limits = self.limits.clone();
-        let BgRemovalConfig::BorderKey { tolerance } = self.config;
-        let png = cpu("bg-removal", move || {
-            let img = decode(&bytes, &limits)?;
-            let cut = border_key(&img, tolerance);
-            let mut out = Vec::new();
-            DynamicImage::ImageRgba8(cut)
-                .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-                .map_err(|e| StageError::permanent(format!("encoding the cutout: {e}")))?;
-            Ok(Bytes::from(out))
-        })
-        .await?;
-        self.ctx.put_working(&mut event, "cutout.png", png).await?;
-        event.notes.insert("bg_engine".into(), "border-key".into());
+        match &self.engine {
+            Engine::BorderKey { tolerance } => {
+                let tolerance = *tolerance;
+                let png = cpu("bg-removal", move || {
+                    let img = decode(&bytes, &limits)?;
+                    encode_png(&DynamicImage::ImageRgba8(border_key(&img, tolerance)), "the cutout")
+                })
+                .await?;
+                self.ctx.put_working(&mut event, "cutout.png", png).await?;
+                event.notes.insert("bg_engine".into(), "border-key".into());
+            }
+            Engine::Rembg(pool) => {
+                // rembg gets upright, validated pixels: never the vendor's
+                // bytes, which could be a decompression bomb for PIL or
+                // carry an EXIF rotation rembg would not apply.
+                let png = cpu("bg-removal", move || {
+                    encode_png(&decode(&bytes, &limits)?, "the image for rembg")
+                })
+                .await?;
+                let (cutout, instance) = pool.remove(png).await?;
+                self.ctx.put_working(&mut event, "cutout.png", cutout).await?;
+                event.notes.insert("bg_engine".into(), "rembg".into());
+                event.notes.insert("bg_instance".into(), instance.into());
+            }
+        }
         Ok(Outcome::Done(event))
     }
 }
@@ -140,5 +180,22 @@ mod tests {
         assert_eq!(cut.get_pixel(0, 0)[3], 0);
         assert_eq!(cut.get_pixel(39, 39)[3], 0);
         assert_eq!(cut.get_pixel(20, 20)[3], 255);
+    }
+
+    #[test]
+    fn engines_are_chosen_by_tag() {
+        let c: BgRemovalConfig =
+            toml::from_str("engine = \"rembg\"\nurls = [\"http://a:7000\", \"http://b:7000\"]\nmodel = \"u2netp\"")
+                .unwrap();
+        match c {
+            BgRemovalConfig::Rembg(r) => {
+                assert_eq!(r.urls.len(), 2);
+                assert_eq!(r.model, "u2netp");
+                assert_eq!(r.max_per_instance, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(toml::from_str::<BgRemovalConfig>("engine = \"rembg\"\nurl = \"x\"").is_err());
+        assert!(toml::from_str::<BgRemovalConfig>("engine = \"border-key\"").is_ok());
     }
 }

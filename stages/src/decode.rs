@@ -7,7 +7,8 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use image_queue_pipeline::StageError;
 use serde::{Deserialize, Serialize};
 
@@ -55,15 +56,68 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
         .into_dimensions()
         .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {e}")))?;
     check_dimensions(w, h, limits)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills missing data with grey rather than fail:
+        // a half-uploaded photo would go on as a half-grey product image.
+        return Err(StageError::permanent(
+            "corrupt or truncated Jpeg image: it ends before its end-of-image marker",
+        ));
+    }
     reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_side);
     l.max_image_height = Some(limits.max_side);
     l.max_alloc = Some(limits.max_alloc);
-    reader.limits(l);
-    reader
-        .decode()
-        .map_err(|e| StageError::permanent(format!("corrupt or truncated {format:?} image: {e}")))
+    reader.limits(l.clone());
+    let corrupt = |e: image::ImageError| StageError::permanent(format!("corrupt or truncated {format:?} image: {e}"));
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    // The pixel buffer itself counts against the allocation limit, as
+    // `ImageReader::decode` would count it.
+    l.reserve(decoder.total_bytes())
+        .map_err(|e| StageError::permanent(format!("the image needs too much memory to decode: {e}")))?;
+    // Phones store portraits sideways with an EXIF orientation tag. Every
+    // stage works on upright pixels, and the encoders we use write no EXIF,
+    // so the tag is applied here once and the metadata dropped downstream.
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Whether a JPEG's segments and scans run up to an end-of-image marker.
+/// Walks the marker structure rather than looking for the bytes FF D9
+/// anywhere, since an embedded EXIF thumbnail has an end marker of its own.
+fn jpeg_is_complete(b: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    loop {
+        // A marker: FF (fill bytes FF allowed), then its code.
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&code) = b.get(i) else { return false };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            0xD0..=0xD7 | 0x01 => continue,
+            _ => {}
+        }
+        let Some(len) = b.get(i..i + 2).map(|l| u16::from_be_bytes([l[0], l[1]]) as usize) else {
+            return false;
+        };
+        i += len;
+        if code == 0xDA {
+            // Entropy-coded data: an FF there is followed by 00 (a stuffed
+            // byte) or a restart marker; anything else starts the next marker.
+            loop {
+                match b.get(i..i + 2) {
+                    None => return false,
+                    Some([0xFF, 0x00]) | Some([0xFF, 0xD0..=0xD7]) => i += 2,
+                    Some([0xFF, _]) => break,
+                    Some(_) => i += 1,
+                }
+            }
+        }
+    }
 }
 
 pub fn check_dimensions(w: u32, h: u32, limits: &DecodeLimits) -> Result<(), StageError> {
@@ -112,5 +166,102 @@ mod tests {
         let h = decode(&huge, &l).unwrap_err();
         assert!(h.message.contains("too large"), "{h}");
         assert!(decode(&png(8, 8), &l).is_ok());
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+        DynamicImage::ImageRgb8(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Jpeg)
+            .unwrap();
+        out
+    }
+
+    fn assert_permanent(r: Result<DynamicImage, StageError>, needle: &str) {
+        let e = match r {
+            Ok(img) => panic!(
+                "a hostile input was accepted as a {}×{} image",
+                img.width(),
+                img.height()
+            ),
+            Err(e) => e,
+        };
+        assert!(!e.is_retryable(), "{e}");
+        assert!(e.message.contains(needle), "expected {needle:?} in {e}");
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let l = DecodeLimits::default();
+        let mut j = jpeg(256, 256);
+        assert!(decode(&j, &l).is_ok());
+        j.truncate(j.len() / 2);
+        assert_permanent(decode(&j, &l), "truncated");
+        assert_permanent(decode(&j[..3], &l), "Jpeg");
+    }
+
+    #[test]
+    fn a_text_file_named_jpg_and_a_polyglot_are_told_by_content() {
+        let l = DecodeLimits::default();
+        assert_permanent(decode(&[], &l), "empty");
+        assert_permanent(decode(b"GIF87 is not enough: plain text", &l), "not an image");
+        // An HTML page that a careless server would label image/jpeg.
+        assert_permanent(decode(b"<html><script>alert(1)</script></html>", &l), "not an image");
+        // A JPEG with a ZIP appended (a classic polyglot) decodes as the
+        // JPEG it starts with: only its pixels go on, never its tail.
+        let mut poly = jpeg(16, 16);
+        poly.extend_from_slice(b"PK\x03\x04 a zip archive follows");
+        let img = decode(&poly, &l).expect("the JPEG part decodes");
+        assert_eq!((img.width(), img.height()), (16, 16));
+    }
+
+    /// A GIF whose logical screen is huge and whose one frame is tiny: a
+    /// decoder that allocates the screen would need gigabytes.
+    fn gif_bomb(w: u16, h: u16) -> Vec<u8> {
+        let mut g = b"GIF89a".to_vec();
+        g.extend_from_slice(&w.to_le_bytes());
+        g.extend_from_slice(&h.to_le_bytes());
+        g.extend_from_slice(&[0x00, 0x00, 0x00]); // no global palette
+                                                  // One 1×1 frame with a two-colour local palette.
+        g.extend_from_slice(&[0x2C, 0, 0, 0, 0, 1, 0, 1, 0, 0x80, 0, 0, 0, 255, 255, 255]);
+        g.extend_from_slice(&[0x02, 0x02, 0x44, 0x01, 0x00]); // LZW data
+        g.push(0x3B);
+        g
+    }
+
+    #[test]
+    fn gif_bomb_is_refused_before_decoding() {
+        let l = DecodeLimits::default();
+        assert_permanent(decode(&gif_bomb(65_535, 65_535), &l), "too large");
+        // Under the side limit but over the pixel limit.
+        assert_permanent(decode(&gif_bomb(20_000, 20_000), &l), "too large");
+        // Under both, but the canvas is over the memory limit.
+        let small_alloc = DecodeLimits {
+            max_alloc: 1024 * 1024,
+            ..DecodeLimits::default()
+        };
+        assert_permanent(decode(&gif_bomb(4_000, 4_000), &small_alloc), "memory");
+        assert!(decode(&gif_bomb(4, 4), &l).is_ok());
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 40×20 JPEG tagged "rotate 90° clockwise" (orientation 6), as a
+        // phone writes a portrait: it must come out 20×40.
+        let j = jpeg(40, 20);
+        let exif: &[u8] = &[
+            b'E', b'x', b'i', b'f', 0, 0, // APP1 identifier
+            b'M', b'M', 0, 42, 0, 0, 0, 8, // big-endian TIFF header
+            0, 1, // one IFD entry
+            0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 6, 0, 0, // Orientation = 6
+            0, 0, 0, 0, // no next IFD
+        ];
+        let mut tagged = j[..2].to_vec();
+        tagged.extend_from_slice(&[0xFF, 0xE1]);
+        tagged.extend_from_slice(&((exif.len() + 2) as u16).to_be_bytes());
+        tagged.extend_from_slice(exif);
+        tagged.extend_from_slice(&j[2..]);
+        let img = decode(&tagged, &DecodeLimits::default()).unwrap();
+        assert_eq!((img.width(), img.height()), (20, 40));
     }
 }

@@ -13,6 +13,7 @@ pub mod decode;
 pub mod face_crop;
 pub mod fetch;
 pub mod rate_check;
+pub mod rembg;
 pub mod resize;
 pub mod upload;
 

@@ -72,7 +72,7 @@ impl TestEnv {
         let limits = DecodeLimits::default();
         match name {
             StageName::RateCheck => Arc::new(RateCheckConfig::default().build()),
-            StageName::BgRemoval => Arc::new(BgRemovalConfig::default().build(ctx, limits)),
+            StageName::BgRemoval => Arc::new(BgRemovalConfig::default().build(ctx, limits).unwrap()),
             StageName::FaceCrop => Arc::new(FaceCropConfig::default().build(ctx, limits)),
             StageName::Resize => Arc::new(ResizeConfig::default().build(ctx, limits)),
             StageName::Upload => Arc::new(
