@@ -351,3 +351,53 @@ async fn a_vendors_single_image_is_not_buried_under_another_vendors_backlog() {
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn images_over_a_vendors_quota_are_deferred_then_resume_by_themselves() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let mut quotas = std::collections::BTreeMap::new();
+    quotas.insert("resize".to_string(), 3);
+    let cfg = image_queue_pipeline::RunnerConfig {
+        quotas,
+        quota_window_ms: 1_500,
+        ..fast_runner(4)
+    };
+    let shutdown = CancellationToken::new();
+    let mut stages = run_noop_pipeline(&env, cfg, Duration::ZERO, &shutdown).await;
+    let mut progress = env.pipeline.client.get_async_pubsub().await.unwrap();
+    progress.subscribe(env.pipeline.keys.progress_channel()).await.unwrap();
+    let mut finished = env.finished_listener().await;
+    let started = Instant::now();
+    let ids = env.submit("vendor-a", 1, 5, &[Operation::Resize], 8).await;
+
+    // Two of the five wait for the quota; the job says so, with when.
+    let mut messages = progress.on_message();
+    let mut throttled = 0;
+    while throttled < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut messages))
+            .await
+            .expect("no throttling announced")
+            .unwrap();
+        let p: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+        if p["status"] == "throttled" {
+            throttled += 1;
+        }
+    }
+    let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+    let waiting: Vec<_> = job.images.iter().filter(|i| i.status == "throttled").collect();
+    assert!(!waiting.is_empty(), "{job:?}");
+    assert!(waiting.iter().all(|i| i.resume_at_ms.is_some() && i.attempts == 0));
+
+    finished.wait(&ids, Duration::from_secs(20)).await;
+    let elapsed = started.elapsed();
+    let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+    assert_eq!(job.status, "completed");
+    assert_eq!(job.completed, 5);
+    assert!(
+        elapsed >= Duration::from_millis(1_400),
+        "the quota window was not waited for: {elapsed:?}"
+    );
+    println!("quota of 3 per 1.5 s: 5 images done in {elapsed:.2?}");
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}

@@ -95,6 +95,12 @@ impl Keys {
         format!("{}:admitted", self.base)
     }
 
+    /// Sorted set logging the images a vendor's processing quota for one
+    /// operation admitted, scored by the millisecond of admission.
+    pub fn quota(&self, vendor: &str, operation: &str) -> String {
+        format!("{}:quota:{}:{}", self.base, vendor, operation)
+    }
+
     /// Sorted set logging the requests one rate limit admitted for one
     /// subject (a vendor, or a client network), scored by the millisecond
     /// they were admitted. `limit` and `subject` must be key-safe.

@@ -62,6 +62,12 @@ pub struct RunnerConfig {
     pub max_deliveries: u64,
     /// Blobs of jobs older than this are swept even if the job never ended.
     pub blob_ttl_ms: u64,
+    /// Per-vendor processing quotas, by operation: images per
+    /// `quota_window_ms`. An image over quota is deferred (status
+    /// `throttled`, with the time it resumes), never failed.
+    pub quotas: std::collections::BTreeMap<String, u64>,
+    /// The window of the processing quotas (one hour).
+    pub quota_window_ms: u64,
     /// Fair scheduling: at most this many images are in flight downstream
     /// of rate-check, admitted from vendors' queues in weighted round-robin.
     /// Keep it near twice the slowest stage's total concurrency. 0 turns
@@ -85,6 +91,8 @@ impl Default for RunnerConfig {
             max_deliveries: 10,
             blob_ttl_ms: 2 * 86_400_000,
             admission_window: 32,
+            quotas: std::collections::BTreeMap::new(),
+            quota_window_ms: 3_600_000,
         }
     }
 }
@@ -443,8 +451,55 @@ impl StageRunner {
         }
     }
 
+    /// At admission: the ms until the image fits its vendor's quotas for
+    /// the operations it asks for, or 0 (then it has been charged).
+    async fn quota_wait(&self, ev: &ImageEvent) -> redis::RedisResult<u64> {
+        let mut inv = self.p.scripts.quota.prepare_invoke();
+        inv.arg(format!("{}:{}", ev.job, ev.image));
+        let mut any = false;
+        for op in &ev.ops {
+            if let Some(limit) = self.cfg.quotas.get(op.as_str()) {
+                inv.key(self.p.keys.quota(&ev.vendor, op.as_str()))
+                    .arg(*limit)
+                    .arg(self.cfg.quota_window_ms);
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(0);
+        }
+        let mut conn = self.p.conn.clone();
+        inv.invoke_async(&mut conn).await
+    }
+
     /// Turns a handler's result into one atomic step in Redis.
     async fn finish(&self, id: &str, input: ImageEvent, result: Result<Outcome, StageError>) {
+        // Admission control: an image over its vendor's quota waits, with
+        // no attempt counted. If Redis cannot say, the image waits too: the
+        // entry stays pending and is reclaimed.
+        let result = match result {
+            Ok(Outcome::Done(ev)) if self.name == StageName::RateCheck && !self.cfg.quotas.is_empty() => {
+                match self.quota_wait(&ev).await {
+                    Ok(0) => Ok(Outcome::Done(ev)),
+                    Ok(wait) => {
+                        let until_ms = now_ms() + wait;
+                        Ok(Outcome::Deferred {
+                            reason: format!(
+                                "the vendor's processing quota is used up; resumes in {} s",
+                                wait.div_ceil(1000)
+                            ),
+                            until_ms,
+                            event: ev,
+                        })
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "checking quotas failed; the entry stays pending");
+                        return;
+                    }
+                }
+            }
+            other => other,
+        };
         self.handled.fetch_add(1, Ordering::Relaxed);
         let step = match result {
             Ok(Outcome::Done(mut ev)) => {

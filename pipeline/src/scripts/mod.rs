@@ -26,6 +26,7 @@ pub struct Scripts {
     pub dispatch: Script,
     pub rate_limit: Script,
     pub replay: Script,
+    pub quota: Script,
 }
 
 impl Scripts {
@@ -44,6 +45,7 @@ impl Scripts {
             dispatch: with_lib(include_str!("dispatch.lua")),
             rate_limit: with_lib(include_str!("rate_limit.lua")),
             replay: with_lib(include_str!("replay.lua")),
+            quota: with_lib(include_str!("quota.lua")),
         }
     }
 }
