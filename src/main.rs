@@ -31,7 +31,7 @@ use crate::config::Config;
 )]
 struct Cli {
     /// Configuration file (TOML). Every key can also be set by an
-    /// IMAGE_QUEUE_* environment variable (see docs/CONFIG.md).
+    /// IMAGE_QUEUE_* environment variable (`image-queue config` prints them all).
     #[arg(long, global = true, env = "IMAGE_QUEUE_CONFIG")]
     config: Option<PathBuf>,
     /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when none is given.
