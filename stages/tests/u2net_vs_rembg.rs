@@ -1,0 +1,75 @@
+//! The in-process U²-Net engine makes the mask a real rembg server makes
+//! with the same model (u2netp) and image: within 1/255 mean absolute
+//! difference. Needs `scripts/install-rembg.sh` (rembg and the model) and
+//! `scripts/fetch-test-images.sh` (a real photograph).
+
+mod support;
+
+use std::time::Instant;
+
+use image::{DynamicImage, GrayImage, ImageFormat};
+use image_queue_pipeline::{Outcome, Stage};
+use image_queue_stages::decode::DecodeLimits;
+use image_queue_stages::rembg::RembgConfig;
+use image_queue_stages::u2net::U2net;
+use image_queue_stages::BgRemovalConfig;
+use support::{context, encode, event_for, models_dir, product_photo, working, RembgServer, REMBG_START_TIMEOUT};
+
+fn mad(a: &GrayImage, b: &GrayImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: u64 = a
+        .pixels()
+        .zip(b.pixels())
+        .map(|(p, q)| p[0].abs_diff(q[0]) as u64)
+        .sum();
+    sum as f64 / (a.width() as u64 * a.height() as u64) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_mask_matches_rembgs() {
+    let server = RembgServer::start(None).await;
+    let pool = RembgConfig {
+        urls: vec![server.url()],
+        model: "u2netp".into(),
+        only_mask: true,
+        wait_ready_ms: REMBG_START_TIMEOUT.as_millis() as u64,
+        ..RembgConfig::default()
+    }
+    .build()
+    .unwrap();
+    let model_path = models_dir().join("u2netp.onnx");
+    let model = U2net::shared(&model_path).unwrap();
+
+    let astronaut_path = support::repo_root().join("stages/tests/data/astronaut.png");
+    let astronaut = image::open(&astronaut_path)
+        .unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-test-images.sh", astronaut_path.display()))
+        .to_rgba8();
+    for (name, img) in [("product photo", product_photo(640, 480)), ("astronaut", astronaut)] {
+        let png = encode(&img, ImageFormat::Png);
+        let (theirs, _) = pool.remove(png.into()).await.unwrap();
+        let theirs = image::load_from_memory(&theirs).unwrap().to_luma8();
+        let started = Instant::now();
+        let ours = model.mask(&DynamicImage::ImageRgba8(img)).unwrap();
+        let took = started.elapsed();
+        let d = mad(&ours, &theirs);
+        eprintln!("{name}: mask MAD vs rembg {d:.4}/255, in-process mask in {took:?}");
+        assert!(
+            d <= 1.0,
+            "{name}: the in-process mask differs from rembg's by {d:.3}/255 on average"
+        );
+    }
+
+    // Through the stage: a cutout with the engine named.
+    let (ctx, _dir) = context();
+    let stage = BgRemovalConfig::U2net { model: model_path }
+        .build(ctx.clone(), DecodeLimits::default())
+        .unwrap();
+    let ev = event_for(&ctx, "u2net", 0, encode(&product_photo(400, 300), ImageFormat::Jpeg)).await;
+    let Outcome::Done(ev) = stage.handle(ev).await.unwrap() else {
+        panic!("deferred")
+    };
+    assert_eq!(ev.notes["bg_engine"], "u2net");
+    let cut = working(&ctx, &ev).await;
+    assert_eq!(cut.get_pixel(0, 0)[3], 0);
+    assert!(cut.get_pixel(200, 150)[3] >= 250);
+}
