@@ -14,12 +14,15 @@ use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
 use image_queue_pipeline::{BlobStore, EventKind, ImageEvent, LocalBlobStore, Operation, Source};
 use image_queue_stages::{FetchConfig, StageContext};
 
-/// The repository's root (the stages crate's parent).
+/// The repository's root (this is also compiled into the root package's
+/// benchmark, whose manifest directory is the root itself).
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    let here = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if here.join("stages").is_dir() {
+        here
+    } else {
+        here.parent().unwrap().to_path_buf()
+    }
 }
 
 /// Where `u2netp.onnx` is: `$U2NET_HOME`, else the repository's `models/`.
