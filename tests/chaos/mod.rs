@@ -79,6 +79,9 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// Submit attempts that got no 2xx and were retried.
     pub retried_submits: AtomicUsize,
+    /// Retried submits answered 200: an attempt whose answer was lost had
+    /// made the job already.
+    pub found_by_retry: AtomicUsize,
     log_seq: AtomicUsize,
 }
 
@@ -104,6 +107,7 @@ impl Cluster {
                 .build()
                 .unwrap(),
             retried_submits: Default::default(),
+            found_by_retry: Default::default(),
             log_seq: Default::default(),
         }
     }
@@ -240,9 +244,15 @@ impl Cluster {
     /// time, as a client should: returns the accepted job's id.
     pub async fn submit_until_accepted(&self, idempotency_key: &str, images: usize, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
+        let mut retry = false;
         loop {
             let last = match self.submit_once(idempotency_key, images).await {
-                Ok((s, Some(job))) if (200..300).contains(&s) => return job,
+                Ok((s, Some(job))) if (200..300).contains(&s) => {
+                    if retry && s == 200 {
+                        self.found_by_retry.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return job;
+                }
                 Ok((s, _)) => format!("status {s}"),
                 Err(e) => e,
             };
@@ -251,6 +261,7 @@ impl Cluster {
                 "submit {idempotency_key} never accepted: {last}"
             );
             self.retried_submits.fetch_add(1, Ordering::Relaxed);
+            retry = true;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

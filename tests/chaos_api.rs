@@ -1,0 +1,81 @@
+//! Chaos: the API process killed with SIGKILL every 0.3 to 1 s and
+//! restarted, during concurrent multipart submits that each carry an
+//! `Idempotency-Key`. A submit answered 2xx must be processed; one that was
+//! cut off is retried with the same key once the API is back, and must end
+//! up as exactly one job, whether or not the cut-off attempt had made it.
+
+mod chaos;
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use chaos::*;
+use rand::{Rng, SeedableRng};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_killed_during_submits_makes_one_job_per_key() {
+    let cluster = Cluster::new().await;
+    let c = &cluster;
+    c.start_standard_workers().await;
+    c.start_api().await;
+    let announcements = Announcements::listen(&c.env).await;
+    let load = Load::standard();
+    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
+    let started = Instant::now();
+
+    let (accepted, kills) = with_faults(
+        async move {
+            // Eight clients at once, so that kills land mid-request.
+            let ids = c.submit_load(load, 8, spread).await;
+            ids
+        },
+        |stop| async move {
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let mut kills = 0usize;
+            loop {
+                let pause = Duration::from_millis(rng.random_range(300..1_000));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                c.kill_api().await;
+                c.start_api().await;
+                kills += 1;
+            }
+            kills
+        },
+    )
+    .await;
+    let submitted = started.elapsed();
+    let retried = c.retried_submits.load(Ordering::Relaxed);
+    let found = c.found_by_retry.load(Ordering::Relaxed);
+
+    // A late retry of every submit names the job its first 2xx named.
+    for (j, job) in accepted.iter().enumerate() {
+        let (status, again) = c.submit_once(&format!("submit-{j}"), load.images).await.unwrap();
+        assert_eq!(status, 200, "a repeated key must answer 200, not make a job");
+        assert_eq!(again.as_ref(), Some(job), "key submit-{j} names another job");
+    }
+
+    let checked = check_invariants(
+        c,
+        &accepted,
+        load,
+        &announcements,
+        Announced::ExactlyOnce,
+        Duration::from_secs(240),
+    )
+    .await;
+    assert!(kills >= 5, "only {kills} API kills: the submits finished too soon");
+    assert!(retried > 0, "no submit was ever cut off: the faults missed");
+    println!(
+        "{} images in {} jobs, API killed {kills} times, {retried} submit attempts cut off and retried ({found} found the job their cut-off attempt had made), submits done in {submitted:.1?}, all done in {:.1?}; {} result rows, {} objects",
+        checked.images,
+        checked.jobs,
+        started.elapsed(),
+        checked.rows,
+        checked.objects
+    );
+    c.stop_all().await;
+}
