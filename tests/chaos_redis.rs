@@ -3,7 +3,9 @@
 //! least a thousand images flow through the API and every stage. Whatever
 //! Redis acknowledged must survive the kill: every accepted job ends
 //! exactly once, with nothing committed or uploaded twice, and every worker
-//! rides the outages out instead of exiting.
+//! rides the outages out instead of exiting. The same faults with
+//! `appendfsync everysec` measure what that setting loses to a process
+//! kill.
 
 mod chaos;
 mod common;
@@ -33,14 +35,14 @@ async fn redis_pid(env: &TestEnv) -> i32 {
 
 /// SIGKILLs the running Redis and starts a new one on the same port and
 /// data directory, which replays its append-only file.
-async fn kill_and_restart(env: &TestEnv) -> RedisServer {
+async fn kill_and_restart(env: &TestEnv, fsync: Fsync) -> RedisServer {
     let pid = redis_pid(env).await;
     // SAFETY: signalling a redis-server this test started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // Until the dead server's port is free again.
-        match RedisServer::start_on(env.redis.dir(), env.redis.port(), Fsync::Always).await {
+        match RedisServer::start_on(env.redis.dir(), env.redis.port(), fsync).await {
             Ok(server) => return server,
             Err(e) => assert!(Instant::now() < deadline, "redis-server did not restart: {e}"),
         }
@@ -48,9 +50,43 @@ async fn kill_and_restart(env: &TestEnv) -> RedisServer {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
-    let cluster = Cluster::new().await;
+/// Waits until every job is terminal or gone from Redis; returns the gone.
+async fn settle(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (mut open, mut gone) = (0, Vec::new());
+        for id in ids {
+            match c.env.jobs.get(None, id).await {
+                Ok(Some(v)) if v.is_terminal() => {}
+                Ok(None) => gone.push(id.clone()),
+                _ => open += 1,
+            }
+        }
+        if open == 0 {
+            return gone;
+        }
+        if Instant::now() >= deadline {
+            // Fails with the stuck jobs and the logs.
+            wait_terminal(c, ids, Duration::ZERO).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Run {
+    accepted: Vec<String>,
+    /// Accepted jobs whose record Redis no longer has.
+    forgotten: Vec<String>,
+    kills: usize,
+    retried: usize,
+    flowed: Duration,
+    checked: Checked,
+}
+
+/// Kills Redis every one to two seconds while a load flows, then checks
+/// the invariants on the jobs Redis still knows.
+async fn kill_redis_under_load(fsync: Fsync) -> Run {
+    let cluster = Cluster::with_fsync(fsync).await;
     let c = &cluster;
     c.start_standard_workers().await;
     c.start_api().await;
@@ -59,11 +95,11 @@ async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
     let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
     let started = Instant::now();
 
-    let (accepted, (kills, _current)) = with_faults(
+    let ((accepted, forgotten), (kills, _current)) = with_faults(
         async move {
             let ids = c.submit_load(load, 4, spread).await;
-            wait_terminal(c, &ids, Duration::from_secs(240)).await;
-            ids
+            let gone = settle(c, &ids, Duration::from_secs(240)).await;
+            (ids, gone)
         },
         |stop| async move {
             let mut rng = rand::rngs::StdRng::from_os_rng();
@@ -76,7 +112,7 @@ async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                current = Some(kill_and_restart(&c.env).await);
+                current = Some(kill_and_restart(&c.env, fsync).await);
                 kills += 1;
                 c.assert_workers_alive().await;
             }
@@ -87,9 +123,11 @@ async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
     let flowed = started.elapsed();
 
     c.assert_workers_alive().await;
-    let checked = check_invariants(
+    let survivors: Vec<String> = accepted.iter().filter(|j| !forgotten.contains(j)).cloned().collect();
+    let checked = check_invariants_sparing(
         c,
-        &accepted,
+        &survivors,
+        &forgotten,
         load,
         &announcements,
         Announced::AtMostOnce,
@@ -97,10 +135,45 @@ async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
     )
     .await;
     assert!(kills >= 5, "only {kills} Redis kills: the load finished too soon");
-    let retried = c.retried_submits.load(std::sync::atomic::Ordering::Relaxed);
-    println!(
-        "{} images in {} jobs, redis-server killed {kills} times, {retried} submit attempts refused and retried, all done in {flowed:.1?}; {} result rows, {} objects",
-        checked.images, checked.jobs, checked.rows, checked.objects
-    );
     c.stop_all().await;
+    Run {
+        accepted,
+        forgotten,
+        kills,
+        retried: c.retried_submits.load(std::sync::atomic::Ordering::Relaxed),
+        flowed,
+        checked,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_repeatedly_with_fsync_always_loses_nothing() {
+    let r = kill_redis_under_load(Fsync::Always).await;
+    assert!(r.forgotten.is_empty(), "acknowledged jobs lost: {:?}", r.forgotten);
+    println!(
+        "appendfsync always: {} images in {} jobs, redis-server killed {} times, {} submit attempts refused and retried, all done in {:.1?}; {} result rows, {} objects",
+        r.checked.images, r.checked.jobs, r.kills, r.retried, r.flowed, r.checked.rows, r.checked.objects
+    );
+}
+
+/// With `everysec` Redis normally writes the append-only file before it
+/// answers but syncs it only once a second: a killed process loses nothing
+/// the kernel already holds, while an OS crash or power cut (which this
+/// test cannot inject) loses up to the last second or two, as does a kill
+/// while a slow disk has Redis postponing its writes. This measures what
+/// process kills lose, for docs/OPERATIONS.md, and asserts only that the
+/// jobs Redis still knows end exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_repeatedly_with_fsync_everysec_measured() {
+    let r = kill_redis_under_load(Fsync::EverySec).await;
+    println!(
+        "appendfsync everysec: {} of {} acknowledged submits lost over {} kills of redis-server ({} result rows and {} objects of lost jobs left behind); {} images of the rest all done in {:.1?}",
+        r.forgotten.len(),
+        r.accepted.len(),
+        r.kills,
+        r.checked.orphan_rows,
+        r.checked.orphan_objects,
+        r.checked.images,
+        r.flowed
+    );
 }
