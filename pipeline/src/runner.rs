@@ -31,7 +31,7 @@ pub use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::now_ms;
 use crate::retry::RetryPolicy;
-use crate::stage::{Outcome, Stage, StageError};
+use crate::stage::{ErrorClass, Outcome, Stage, StageError};
 
 /// How one stage runs in this process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -525,6 +525,22 @@ impl StageRunner {
                 attempts: event.attempt,
                 event,
             },
+            Err(err) if err.class == ErrorClass::Unavailable => {
+                // An outage is not this event's failure: its attempts stay
+                // as they were, and it waits as a first retry would.
+                let mut delay = self.cfg.retry.delay(1);
+                if let Some(after) = err.retry_after {
+                    delay = delay.max(after);
+                }
+                debug!(stage = %self.name, error = %err, ?delay, "a service is unavailable; retrying later");
+                Step::Retry {
+                    due_ms: now_ms() + delay.as_millis() as u64,
+                    status: "retrying",
+                    reason: err.message,
+                    attempts: input.attempt,
+                    event: input,
+                }
+            }
             Err(err) => {
                 let failed = input.attempt + 1;
                 if err.is_retryable() && self.cfg.retry.may_retry(failed) {

@@ -33,6 +33,11 @@ pub enum ErrorClass {
     /// The input itself is bad (an undecodable image, a 4xx): retrying
     /// would fail the same way, so the event is dead-lettered at once.
     Permanent,
+    /// A service every event needs is down (the results database): no
+    /// fault of this event's, so it is retried without counting an attempt,
+    /// for as long as the outage lasts, instead of being dead-lettered once
+    /// a few quick retries have failed against it.
+    Unavailable,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,13 +66,21 @@ impl StageError {
         }
     }
 
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        StageError {
+            class: ErrorClass::Unavailable,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.retry_after = Some(after);
         self
     }
 
     pub fn is_retryable(&self) -> bool {
-        self.class == ErrorClass::Retryable
+        self.class != ErrorClass::Permanent
     }
 }
 

@@ -9,7 +9,8 @@
 //! a statement over that limit by dropping the connection, which loses the
 //! transaction: the stage then re-reads the limit and writes the whole batch
 //! again, in smaller statements, on a fresh connection. A database outage is
-//! a retryable error: nothing is acknowledged until it is back.
+//! an "unavailable" error: nothing is acknowledged until it is back, and
+//! however long it lasts it does not use up the events' attempts.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -657,11 +658,27 @@ impl Stage for DbCommitStage {
             Ok(()) => events.into_iter().map(|e| Ok(Outcome::Done(e))).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, rows = rows.len(), "writing results failed");
-                let err = StageError::retryable(format!("database: {}", short(&e)));
+                let message = format!("database: {}", short(&e));
+                // Unreachable is an outage: the batch waits it out however
+                // long it lasts, without using up its events' attempts.
+                let err = if is_unreachable(&e) {
+                    StageError::unavailable(message)
+                } else {
+                    StageError::retryable(message)
+                };
                 events.iter().map(|_| Err(err.clone())).collect()
             }
         }
     }
+}
+
+/// The database cannot be reached at all (down, restarting, refusing
+/// connections), as opposed to refusing this write.
+fn is_unreachable(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_)
+    ) || is_connection_lost(e)
 }
 
 /// A database error as vendors may see it: its kind, without connection

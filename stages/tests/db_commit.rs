@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::{PrivateMariaDb, ScratchDb};
-use image_queue_pipeline::{EventKind, ImageEvent, Outcome, OutputRef, Source, Stage};
+use image_queue_pipeline::{ErrorClass, EventKind, ImageEvent, Outcome, OutputRef, Source, Stage};
 use image_queue_stages::db_commit::{DbCommitConfig, DbCommitStage};
 
 /// An uploaded image's event with `variants` outputs, as upload leaves it.
@@ -190,8 +190,9 @@ async fn a_packet_limit_lowered_under_the_stage_is_learned() {
 }
 
 /// A database stopped during a run loses nothing: every event of a batch
-/// written while it is down gets a retryable error (so nothing is
-/// acknowledged), and the same batch commits once it is back.
+/// written while it is down gets an "unavailable" error (so nothing is
+/// acknowledged, and no attempt is counted), and the same batch commits
+/// once it is back.
 #[tokio::test]
 async fn a_stopped_database_loses_nothing() {
     let mut server = PrivateMariaDb::start("16M");
@@ -213,7 +214,9 @@ async fn a_stopped_database_loses_nothing() {
     assert_eq!(results.len(), second.len());
     for (i, r) in results.iter().enumerate() {
         match r {
-            Err(e) => assert!(e.is_retryable(), "event {i}: an outage must be retryable, got {e}"),
+            // Unavailable: retried for as long as the outage lasts, without
+            // using up the event's attempts.
+            Err(e) => assert_eq!(e.class, ErrorClass::Unavailable, "event {i}: {e}"),
             Ok(_) => panic!("event {i}: written while the database was stopped?"),
         }
     }
