@@ -72,6 +72,8 @@ pub struct Cluster {
     pub env: TestEnv,
     /// The Redis URL workers are given (a proxy's, in the network test).
     pub worker_redis_url: String,
+    /// The results database (the test's SQLite unless a test sets another).
+    pub database_url: String,
     pub api_addr: String,
     pub api: tokio::sync::Mutex<Option<Child>>,
     pub workers: tokio::sync::Mutex<Vec<Worker>>,
@@ -99,9 +101,11 @@ impl Cluster {
             .expect("creating a vendor key");
         std::fs::create_dir_all(env.dir.path().join("logs")).unwrap();
         let worker_redis_url = env.redis.url();
+        let database_url = env.database_url();
         Cluster {
             env,
             worker_redis_url,
+            database_url,
             api_addr: format!("127.0.0.1:{}", free_port().unwrap()),
             api: tokio::sync::Mutex::new(None),
             workers: tokio::sync::Mutex::new(Vec::new()),
@@ -123,7 +127,7 @@ impl Cluster {
         let log = std::fs::File::create(self.env.dir.path().join("logs").join(format!("{n:03}-{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_image-queue"));
         cmd.env("REDIS_URL", redis_url)
-            .env("DATABASE_URL", self.env.database_url())
+            .env("DATABASE_URL", &self.database_url)
             .env("IMAGE_QUEUE_DATA_DIR", self.env.dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -571,7 +575,7 @@ pub async fn check_invariants_sparing(
     }
 
     // Results: one row per (job, image, variant), pointing at its object.
-    let rows = result_rows(env).await;
+    let rows = result_rows(&c.database_url).await;
     let expected_rows = accepted.len() * load.images * VARIANTS.len();
     let mut seen = HashSet::new();
     let mut expected_objects = BTreeSet::new();
@@ -681,13 +685,21 @@ pub async fn wait_terminal(c: &Cluster, ids: &[String], timeout: Duration) -> Ve
 }
 
 /// Every result row: job, image, variant, URL.
-pub async fn result_rows(env: &TestEnv) -> Vec<(String, i64, String, String)> {
+pub async fn result_rows(database_url: &str) -> Vec<(String, i64, String, String)> {
     sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&env.database_url()).await.unwrap();
-    let rows = sqlx::query_as("SELECT job_id, CAST(image_index AS BIGINT), variant, url FROM image_results")
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let pool = sqlx::AnyPool::connect(database_url).await.unwrap();
+    // MySQL's CAST knows no BIGINT, SQLite's no SIGNED.
+    let int = if database_url.starts_with("mysql") {
+        "SIGNED"
+    } else {
+        "BIGINT"
+    };
+    let rows = sqlx::query_as(&format!(
+        "SELECT job_id, CAST(image_index AS {int}), variant, url FROM image_results"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     pool.close().await;
     rows
 }
