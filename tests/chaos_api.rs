@@ -39,6 +39,14 @@ async fn api_killed_during_submits_makes_one_job_per_key() {
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
                 }
+                // Aim at a request in flight, if one comes within 0.5 s:
+                // a kill between requests only tests refused connections.
+                for _ in 0..100 {
+                    if c.in_flight.load(Ordering::SeqCst) > 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 c.kill_api().await;
                 c.start_api().await;
                 kills += 1;

@@ -84,6 +84,8 @@ pub struct Cluster {
     /// Retried submits answered 200: an attempt whose answer was lost had
     /// made the job already.
     pub found_by_retry: AtomicUsize,
+    /// Submit requests sent and not yet answered.
+    pub in_flight: Arc<AtomicUsize>,
     log_seq: AtomicUsize,
 }
 
@@ -116,6 +118,7 @@ impl Cluster {
                 .unwrap(),
             retried_submits: Default::default(),
             found_by_retry: Default::default(),
+            in_flight: Default::default(),
             log_seq: Default::default(),
         }
     }
@@ -233,6 +236,7 @@ impl Cluster {
                 )
                 .text("record_id", format!("sku-{i}"));
         }
+        let _in_flight = InFlight::enter(&self.in_flight);
         let resp = self
             .http
             .post(format!("http://{}/api/image-queue/jobs", self.api_addr))
@@ -354,6 +358,22 @@ impl Cluster {
         if let Some(mut api) = self.api.lock().await.take() {
             api.kill().await.ok();
         }
+    }
+}
+
+/// Counts a request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(n: &Arc<AtomicUsize>) -> InFlight {
+        n.fetch_add(1, Ordering::SeqCst);
+        InFlight(n.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
