@@ -392,7 +392,7 @@ pub fn sigkill(child: &Child) {
 /// `XPENDING` summary: count, lowest id, highest id, per-consumer counts.
 type PendingSummary = (usize, Option<String>, Option<String>, Option<Vec<(String, String)>>);
 
-async fn pending_summary(env: &TestEnv, stage: StageName) -> redis::RedisResult<PendingSummary> {
+pub async fn pending_summary(env: &TestEnv, stage: StageName) -> redis::RedisResult<PendingSummary> {
     let mut conn = env.pipeline.conn.clone();
     redis::cmd("XPENDING")
         .arg(env.pipeline.keys.stream(stage))
