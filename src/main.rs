@@ -381,6 +381,17 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
 
 async fn up(mut config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    if !config.bg_removal_configured {
+        // The fastest engine this machine can run, so that `up` cuts out
+        // real subjects when the model is there and still starts when
+        // nothing is. Loading the model takes a moment: off the runtime.
+        let (chosen, why) = tokio::task::spawn_blocking(|| {
+            image_queue_stages::BgRemovalConfig::detect(&image_queue_stages::bg_removal::default_model())
+        })
+        .await?;
+        info!(reason = %why, "bg-removal engine chosen (set [bg_removal] to choose it yourself)");
+        config.bg_removal = chosen;
+    }
     let mut embedded = None;
     if config.redis_url.is_empty() {
         let fsync = if config.redis_fsync == "everysec" {

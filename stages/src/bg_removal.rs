@@ -6,11 +6,19 @@
 //! tolerance): exact and fast for product shots on a plain backdrop, which
 //! is most of what marketplaces get. `rembg` sends the image to a pool of
 //! rembg servers (see [`crate::rembg`]) and records which one cut it out.
-//! `u2net` runs the same U²-Net model in this process (see [`crate::u2net`]).
+//! `u2net` runs the same U²-Net model in this process (see [`crate::u2net`]),
+//! on tract (`runtime = "tract"`, the default: nothing to install) or on
+//! ONNX Runtime (`runtime = "onnxruntime"`: several times faster, needs ONNX
+//! Runtime's shared library, from `onnxruntime_library` or
+//! `$ORT_DYLIB_PATH`; see [`crate::onnxruntime`]).
+//!
+//! `image-queue up` with no `[bg_removal]` configured picks for itself with
+//! [`BgRemovalConfig::detect`]: U²-Net on ONNX Runtime when the model and
+//! the library are there, else on tract when the model is, else border-key.
 
 use std::collections::VecDeque;
 use std::io::Cursor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -21,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode, DecodeLimits};
 use crate::rembg::{RembgConfig, RembgPool};
-use crate::u2net::U2net;
+use crate::u2net::{Runtime, U2net};
 use crate::{cpu, StageContext};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,10 +48,19 @@ pub enum BgRemovalConfig {
         /// The ONNX model (rembg's `u2netp.onnx`).
         #[serde(default = "default_model")]
         model: PathBuf,
+        /// What runs it: `tract` or `onnxruntime`.
+        #[serde(default)]
+        runtime: Runtime,
+        /// ONNX Runtime's shared library, for `runtime = "onnxruntime"`.
+        /// Absent: `$ORT_DYLIB_PATH`, else `libonnxruntime.so` wherever the
+        /// dynamic loader finds it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        onnxruntime_library: Option<PathBuf>,
     },
 }
 
-fn default_model() -> PathBuf {
+/// Where the model is unless configured.
+pub fn default_model() -> PathBuf {
     PathBuf::from("./models/u2netp.onnx")
 }
 
@@ -60,13 +77,66 @@ impl Default for BgRemovalConfig {
 }
 
 impl BgRemovalConfig {
+    /// The best engine this machine can run, and why it was chosen: U²-Net
+    /// on ONNX Runtime when `model` exists and ONNX Runtime's library loads
+    /// (from `$ORT_DYLIB_PATH`, else the dynamic loader's search), else
+    /// U²-Net on tract when the model loads, else border-key. The model is
+    /// loaded here, once, and the stage built from the result reuses it.
+    pub fn detect(model: &Path) -> (BgRemovalConfig, String) {
+        BgRemovalConfig::detect_with(model, None)
+    }
+
+    /// [`BgRemovalConfig::detect`] with ONNX Runtime's library given.
+    pub fn detect_with(model: &Path, library: Option<&Path>) -> (BgRemovalConfig, String) {
+        let u2net = |runtime| BgRemovalConfig::U2net {
+            model: model.to_path_buf(),
+            runtime,
+            onnxruntime_library: library.map(Path::to_path_buf),
+        };
+        if !model.is_file() {
+            return (
+                BgRemovalConfig::default(),
+                format!(
+                    "border-key: no U2-Net model at {} (`image-queue models fetch` gets it)",
+                    model.display()
+                ),
+            );
+        }
+        let ort_failed = match U2net::shared_on(model, Runtime::Onnxruntime, library) {
+            Ok(_) => {
+                return (
+                    u2net(Runtime::Onnxruntime),
+                    format!(
+                        "u2net on onnxruntime: the model {} and ONNX Runtime are here",
+                        model.display()
+                    ),
+                )
+            }
+            Err(e) => e,
+        };
+        match U2net::shared_on(model, Runtime::Tract, None) {
+            Ok(_) => (
+                u2net(Runtime::Tract),
+                format!("u2net on tract, several times slower than on onnxruntime, which is unavailable: {ort_failed}"),
+            ),
+            Err(e) => (
+                BgRemovalConfig::default(),
+                format!("border-key: the U2-Net model does not load: {e}"),
+            ),
+        }
+    }
+
     /// Builds the stage; fails on a configuration that cannot work (no
     /// rembg URL, a missing model), so a worker refuses to start with it.
     pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> Result<BgRemovalStage, String> {
         let engine = match self {
             BgRemovalConfig::BorderKey { tolerance } => Engine::BorderKey { tolerance: *tolerance },
             BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
-            BgRemovalConfig::U2net { model } => Engine::U2net(U2net::shared(model)?),
+            BgRemovalConfig::U2net {
+                model,
+                runtime,
+                onnxruntime_library,
+            } => Engine::U2net(U2net::shared_on(model, *runtime, onnxruntime_library.as_deref())?),
         };
         Ok(BgRemovalStage { ctx, limits, engine })
     }
@@ -122,6 +192,7 @@ impl Stage for BgRemovalStage {
                 event.notes.insert("bg_engine".into(), "border-key".into());
             }
             Engine::U2net(model) => {
+                let runtime = model.runtime();
                 let model = model.clone();
                 let png = cpu("bg-removal", move || {
                     let img = decode(&bytes, &limits)?;
@@ -133,6 +204,7 @@ impl Stage for BgRemovalStage {
                 .await?;
                 self.ctx.put_working(&mut event, "cutout.png", png).await?;
                 event.notes.insert("bg_engine".into(), "u2net".into());
+                event.notes.insert("bg_runtime".into(), runtime.as_str().into());
             }
             Engine::Rembg(pool) => {
                 // rembg gets upright, validated pixels: never the vendor's
@@ -227,7 +299,41 @@ mod tests {
         assert!(toml::from_str::<BgRemovalConfig>("engine = \"rembg\"\nurl = \"x\"").is_err());
         assert!(toml::from_str::<BgRemovalConfig>("engine = \"border-key\"").is_ok());
         let u: BgRemovalConfig = toml::from_str("engine = \"u2net\"").unwrap();
-        assert!(matches!(u, BgRemovalConfig::U2net { ref model } if model.ends_with("models/u2netp.onnx")));
+        assert!(matches!(
+            u,
+            BgRemovalConfig::U2net { ref model, runtime: Runtime::Tract, onnxruntime_library: None }
+                if model.ends_with("models/u2netp.onnx")
+        ));
+        let o: BgRemovalConfig = toml::from_str(
+            "engine = \"u2net\"\nruntime = \"onnxruntime\"\nonnxruntime_library = \"/x/libonnxruntime.so\"",
+        )
+        .unwrap();
+        assert!(matches!(
+            o,
+            BgRemovalConfig::U2net { runtime: Runtime::Onnxruntime, onnxruntime_library: Some(ref l), .. }
+                if l.ends_with("libonnxruntime.so")
+        ));
+        assert!(toml::from_str::<BgRemovalConfig>("engine = \"u2net\"\nruntime = \"cuda\"").is_err());
+    }
+
+    #[test]
+    fn a_missing_onnxruntime_library_is_a_startup_error_saying_how_to_get_it() {
+        let lib = Path::new("/nonexistent/libonnxruntime.so");
+        // The model is checked first; with one there, the library is.
+        let e = U2net::load_onnxruntime(Path::new("/nonexistent/u2netp.onnx"), lib).unwrap_err();
+        assert!(e.contains("image-queue models fetch"), "{e}");
+        let model = tempfile::NamedTempFile::new().unwrap();
+        let e = U2net::load_onnxruntime(model.path(), lib).unwrap_err();
+        assert!(e.contains("/nonexistent/libonnxruntime.so does not exist"), "{e}");
+        assert!(e.contains("onnxruntime wheel on PyPI"), "{e}");
+        assert!(e.contains("ORT_DYLIB_PATH"), "{e}");
+    }
+
+    #[test]
+    fn with_no_model_detection_falls_back_to_border_key() {
+        let (c, why) = BgRemovalConfig::detect(Path::new("/nonexistent/u2netp.onnx"));
+        assert!(matches!(c, BgRemovalConfig::BorderKey { .. }), "{c:?}");
+        assert!(why.contains("image-queue models fetch"), "{why}");
     }
 
     #[test]

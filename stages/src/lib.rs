@@ -12,6 +12,7 @@ pub mod db_commit;
 pub mod decode;
 pub mod face_crop;
 pub mod fetch;
+pub mod onnxruntime;
 pub mod rate_check;
 pub mod rembg;
 pub mod resize;

@@ -103,6 +103,9 @@ pub struct InstanceStatus {
     pub served: u64,
     /// Times it was ejected.
     pub ejections: u64,
+    /// How long, in all, it has had at least one request in flight: over
+    /// a stretch of wall time, how busy the pool kept it.
+    pub busy: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +115,10 @@ struct Slot {
     outstanding: usize,
     served: u64,
     ejections: u64,
+    /// When `outstanding` last went from 0 to 1, while it is above 0.
+    busy_since: Option<Instant>,
+    /// Busy time before `busy_since`.
+    busy: Duration,
 }
 
 struct Inner {
@@ -196,6 +203,7 @@ impl RembgPool {
                 outstanding: s.outstanding,
                 served: s.served,
                 ejections: s.ejections,
+                busy: s.busy + s.busy_since.map_or(Duration::ZERO, |t| t.elapsed()),
             })
             .collect()
     }
@@ -367,7 +375,11 @@ impl RembgPool {
                     .min_by_key(|(_, s)| (s.outstanding, s.served))
                     .map(|(i, _)| i);
                 if let Some(i) = best {
-                    slots[i].outstanding += 1;
+                    let slot = &mut slots[i];
+                    if slot.outstanding == 0 {
+                        slot.busy_since = Some(Instant::now());
+                    }
+                    slot.outstanding += 1;
                     return Ok(Lease {
                         pool: self.inner.clone(),
                         index: i,
@@ -468,7 +480,15 @@ struct Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.slots.lock().unwrap()[self.index].outstanding -= 1;
+        let mut slots = self.pool.slots.lock().unwrap();
+        let slot = &mut slots[self.index];
+        slot.outstanding -= 1;
+        if slot.outstanding == 0 {
+            if let Some(t) = slot.busy_since.take() {
+                slot.busy += t.elapsed();
+            }
+        }
+        drop(slots);
         self.pool.changed.notify_waiters();
     }
 }

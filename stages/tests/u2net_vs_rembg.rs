@@ -1,7 +1,9 @@
-//! The in-process U²-Net engine makes the mask a real rembg server makes
-//! with the same model (u2netp) and image: within 1/255 mean absolute
-//! difference. Needs `scripts/install-rembg.sh` (rembg and the model) and
-//! `scripts/fetch-test-images.sh` (a real photograph).
+//! The in-process U²-Net engine, on both runtimes (tract and ONNX Runtime),
+//! makes the mask a real rembg server makes with the same model (u2netp)
+//! and image: within 1/255 mean absolute difference. Needs
+//! `scripts/install-rembg.sh` (rembg, the model, and ONNX Runtime's shared
+//! library in rembg's virtualenv) and `scripts/fetch-test-images.sh` (a
+//! real photograph).
 
 mod support;
 
@@ -11,9 +13,12 @@ use image::{DynamicImage, GrayImage, ImageFormat};
 use image_queue_pipeline::{Outcome, Stage};
 use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::rembg::RembgConfig;
-use image_queue_stages::u2net::U2net;
+use image_queue_stages::u2net::{Runtime, U2net};
 use image_queue_stages::BgRemovalConfig;
-use support::{context, encode, event_for, models_dir, product_photo, working, RembgServer, REMBG_START_TIMEOUT};
+use support::{
+    context, encode, event_for, models_dir, onnxruntime_library, product_photo, working, RembgServer,
+    REMBG_START_TIMEOUT,
+};
 
 fn mad(a: &GrayImage, b: &GrayImage) -> f64 {
     assert_eq!(a.dimensions(), b.dimensions());
@@ -38,7 +43,11 @@ async fn in_process_mask_matches_rembgs() {
     .build()
     .unwrap();
     let model_path = models_dir().join("u2netp.onnx");
-    let model = U2net::shared(&model_path).unwrap();
+    let library = onnxruntime_library();
+    let tract = U2net::shared(&model_path).unwrap();
+    let onnxruntime =
+        U2net::shared_on(&model_path, Runtime::Onnxruntime, Some(&library)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(onnxruntime.runtime(), Runtime::Onnxruntime);
 
     let astronaut_path = support::repo_root().join("stages/tests/data/astronaut.png");
     let astronaut = image::open(&astronaut_path)
@@ -48,28 +57,73 @@ async fn in_process_mask_matches_rembgs() {
         let png = encode(&img, ImageFormat::Png);
         let (theirs, _) = pool.remove(png.into()).await.unwrap();
         let theirs = image::load_from_memory(&theirs).unwrap().to_luma8();
-        let started = Instant::now();
-        let ours = model.mask(&DynamicImage::ImageRgba8(img)).unwrap();
-        let took = started.elapsed();
-        let d = mad(&ours, &theirs);
-        eprintln!("{name}: mask MAD vs rembg {d:.4}/255, in-process mask in {took:?}");
-        assert!(
-            d <= 1.0,
-            "{name}: the in-process mask differs from rembg's by {d:.3}/255 on average"
-        );
+        let img = DynamicImage::ImageRgba8(img);
+        for model in [&tract, &onnxruntime] {
+            let runtime = model.runtime().as_str();
+            let started = Instant::now();
+            let ours = model.mask(&img).unwrap();
+            let took = started.elapsed();
+            let d = mad(&ours, &theirs);
+            eprintln!("{name}, {runtime}: mask MAD vs rembg {d:.4}/255, in-process mask in {took:?}");
+            assert!(
+                d <= 1.0,
+                "{name}: the {runtime} mask differs from rembg's by {d:.3}/255 on average"
+            );
+        }
     }
 
-    // Through the stage: a cutout with the engine named.
+    // Through the stage, on each runtime: a cutout with the engine named.
     let (ctx, _dir) = context();
-    let stage = BgRemovalConfig::U2net { model: model_path }
+    for runtime in [Runtime::Tract, Runtime::Onnxruntime] {
+        let stage = BgRemovalConfig::U2net {
+            model: model_path.clone(),
+            runtime,
+            onnxruntime_library: Some(library.clone()),
+        }
         .build(ctx.clone(), DecodeLimits::default())
         .unwrap();
-    let ev = event_for(&ctx, "u2net", 0, encode(&product_photo(400, 300), ImageFormat::Jpeg)).await;
-    let Outcome::Done(ev) = stage.handle(ev).await.unwrap() else {
-        panic!("deferred")
-    };
-    assert_eq!(ev.notes["bg_engine"], "u2net");
-    let cut = working(&ctx, &ev).await;
-    assert_eq!(cut.get_pixel(0, 0)[3], 0);
-    assert!(cut.get_pixel(200, 150)[3] >= 250);
+        let ev = event_for(
+            &ctx,
+            runtime.as_str(),
+            0,
+            encode(&product_photo(400, 300), ImageFormat::Jpeg),
+        )
+        .await;
+        let Outcome::Done(ev) = stage.handle(ev).await.unwrap() else {
+            panic!("deferred")
+        };
+        assert_eq!(ev.notes["bg_engine"], "u2net");
+        assert_eq!(ev.notes["bg_runtime"], runtime.as_str());
+        let cut = working(&ctx, &ev).await;
+        assert_eq!(cut.get_pixel(0, 0)[3], 0);
+        assert!(cut.get_pixel(200, 150)[3] >= 250);
+    }
+
+    // What `up` picks: ONNX Runtime when its library loads, else tract.
+    let (chosen, why) = BgRemovalConfig::detect_with(&model_path, Some(&library));
+    assert!(
+        matches!(
+            chosen,
+            BgRemovalConfig::U2net {
+                runtime: Runtime::Onnxruntime,
+                ..
+            }
+        ),
+        "{chosen:?}: {why}"
+    );
+    let (chosen, why) = BgRemovalConfig::detect_with(
+        &model_path,
+        Some(std::path::Path::new("/nonexistent/libonnxruntime.so")),
+    );
+    assert!(
+        matches!(
+            chosen,
+            BgRemovalConfig::U2net {
+                runtime: Runtime::Tract,
+                ..
+            }
+        ),
+        "{chosen:?}: {why}"
+    );
+    assert!(why.contains("/nonexistent/libonnxruntime.so"), "{why}");
 }

@@ -60,6 +60,38 @@ pub fn rembg_bin() -> PathBuf {
     })
 }
 
+/// ONNX Runtime's shared library: `$ORT_DYLIB_PATH`, else the one in the
+/// onnxruntime package of the virtualenv scripts/install-rembg.sh makes
+/// (rembg runs on it). Panics, saying how to get one, when there is none.
+pub fn onnxruntime_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "ORT_DYLIB_PATH={} does not exist", p.display());
+        return p;
+    }
+    let venv = PathBuf::from(std::env::var("REMBG_VENV").unwrap_or_else(|_| "/opt/rembg-venv".into()));
+    let found = std::fs::read_dir(venv.join("lib"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
+        .map(|e| e.path().join("site-packages/onnxruntime/capi"))
+        .flat_map(|capi| std::fs::read_dir(capi).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+        });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no ONNX Runtime shared library: run scripts/install-rembg.sh (rembg's virtualenv has the \
+             onnxruntime wheel from PyPI, with libonnxruntime.so in site-packages/onnxruntime/capi/; looked \
+             under {}), or set ORT_DYLIB_PATH to a libonnxruntime.so of version 1.17 or later",
+            venv.display()
+        )
+    })
+}
+
 /// A free port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
