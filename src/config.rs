@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use image_queue_api::ApiConfig;
+use image_queue_pipeline::webhooks::WebhookDeliveryConfig;
 use image_queue_pipeline::{RunnerConfig, StageName};
 use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::{
@@ -64,6 +65,8 @@ pub struct Config {
     /// Where results are uploaded. Absent: files under `media_dir`, served
     /// by the API under `/media/`.
     pub upload: Option<UploadConfig>,
+    /// Delivery of vendors' webhooks (set with `vendors webhook`).
+    pub webhooks: WebhookDeliveryConfig,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             resize: ResizeConfig::default(),
             db_commit: DbCommitConfig::default(),
             upload: None,
+            webhooks: WebhookDeliveryConfig::default(),
         }
     }
 }

@@ -14,9 +14,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
+use image_queue_pipeline::estimate::QuotaConfig;
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
+use image_queue_pipeline::webhooks::{run_deliveries, Webhooks};
 use image_queue_pipeline::{BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
+use image_queue_stages::webhook::HttpWebhookSender;
 use image_queue_stages::{fetch::Fetcher, StageContext, UploadConfig};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -72,6 +75,9 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<String>,
     },
+    /// Deliver vendors' webhooks (job ended); `up` runs this too. Start
+    /// more, on any host, if receivers are slow.
+    Webhooks,
     /// Apply the database migrations and exit.
     Migrate,
     /// Manage vendors' API keys.
@@ -151,6 +157,16 @@ enum VendorAction {
     List,
     /// Revoke all of a vendor's keys.
     Revoke { vendor: String },
+    /// Set a vendor's webhook, called when each of its jobs ends; prints
+    /// the new signing secret alone, once. With --remove, removes it.
+    Webhook {
+        vendor: String,
+        /// The http(s) URL to POST to.
+        #[arg(required_unless_present = "remove")]
+        url: Option<String>,
+        #[arg(long, conflicts_with = "url")]
+        remove: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -258,8 +274,27 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     let n = auth.revoke_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                     eprintln!("revoked {n} key(s) of {vendor}");
                 }
+                VendorAction::Webhook { vendor, url, remove } => {
+                    let hooks = Webhooks::new(p);
+                    if remove {
+                        let had = hooks.remove(&vendor).await?;
+                        eprintln!("{}", if had { "webhook removed" } else { "no webhook was set" });
+                    } else {
+                        let url = url.expect("clap requires it");
+                        let parsed = url::Url::parse(&url).with_context(|| format!("webhook URL {url:?}"))?;
+                        if !matches!(parsed.scheme(), "http" | "https") {
+                            bail!("webhook URLs must be http or https");
+                        }
+                        println!("{}", hooks.set(&vendor, &url).await?);
+                    }
+                }
             }
             Ok(())
+        }
+        Command::Webhooks => {
+            let p = connect(&config).await?;
+            let shutdown = shutdown_on_signal();
+            deliver_webhooks(&config, p, shutdown).await
         }
         Command::Stats { json, every } => {
             let p = connect(&config).await?;
@@ -359,7 +394,13 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
     image_queue_api::metrics::install();
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {
-        jobs: JobStore::new(p.clone(), config.job_retention_secs),
+        jobs: JobStore::new(p.clone(), config.job_retention_secs).with_scheduling(
+            QuotaConfig {
+                limits: config.pipeline.quotas.clone(),
+                window_ms: config.pipeline.quota_window_ms,
+            },
+            config.pipeline.admission_window,
+        ),
         blobs: p.blobs.clone(),
         auth: Auth::new(p.clone(), admin),
         config: ApiConfig { ..config.api.clone() },
@@ -376,6 +417,15 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
     )
     .with_graceful_shutdown(async move { shutdown.cancelled().await })
     .await?;
+    Ok(())
+}
+
+/// Delivers vendors' webhooks until shutdown, through the same address
+/// rules as image fetching.
+async fn deliver_webhooks(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let fetcher = config.fetch.build().map_err(anyhow::Error::msg)?;
+    let sender = Arc::new(HttpWebhookSender::new(fetcher));
+    run_deliveries(p, sender, config.webhooks.clone(), shutdown).await?;
     Ok(())
 }
 
@@ -419,6 +469,10 @@ async fn up(mut config: Config) -> anyhow::Result<()> {
     {
         let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
         tasks.spawn(async move { serve_api(&config, p, s).await });
+    }
+    {
+        let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
+        tasks.spawn(async move { deliver_webhooks(&config, p, s).await });
     }
     if let Some(key) = demo_key {
         let base = config.public_url();

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::*;
+use image_queue_pipeline::estimate::QuotaConfig;
 use image_queue_pipeline::redis_server::Fsync;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{ImageEvent, Operation, Outcome, RetryPolicy, Stage, StageError, StageName};
+use image_queue_pipeline::{ImageEvent, JobStore, Operation, Outcome, RetryPolicy, Stage, StageError, StageName};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
@@ -321,7 +322,7 @@ async fn a_vendors_single_image_is_not_buried_under_another_vendors_backlog() {
         ..fast_runner(4)
     };
     let shutdown = CancellationToken::new();
-    let mut stages = run_noop_pipeline(&env, cfg, Duration::from_millis(10), &shutdown).await;
+    let mut stages = run_noop_pipeline(&env, cfg, Duration::from_millis(25), &shutdown).await;
     let mut finished = env.finished_listener().await;
 
     // B alone.
@@ -334,8 +335,26 @@ async fn a_vendors_single_image_is_not_buried_under_another_vendors_backlog() {
     let a = env.submit("vendor-a", 20, 100, &[Operation::Resize], 8).await;
     let started = Instant::now();
     let b = env.submit("vendor-b", 1, 1, &[Operation::Resize], 8).await;
+    // What a submit would be told now: B's next image waits for none of
+    // A's, at half the pipeline; A's next waits for its whole backlog.
+    let estimator = JobStore::new(env.pipeline.clone(), 3600).with_scheduling(QuotaConfig::default(), 8);
+    let ops = ["resize".to_string()];
+    let est_b = estimator
+        .estimate_start("vendor-b", &ops)
+        .await
+        .unwrap()
+        .expect("throughput measured");
+    let est_a = estimator
+        .estimate_start("vendor-a", &ops)
+        .await
+        .unwrap()
+        .expect("throughput measured");
     finished.wait(&b, Duration::from_secs(60)).await;
     let behind = started.elapsed();
+    println!("estimates under A's backlog: B {est_b:?}, A {est_a:?}");
+    assert!(est_b.queued_ahead <= 1 && est_b.share == 0.5, "{est_b:?}");
+    assert!(est_a.queued_ahead > 100, "{est_a:?}");
+    assert!(est_a.start_ms > est_b.start_ms + 1_000, "A {est_a:?} vs B {est_b:?}");
     let mut a_done = 0;
     for id in &a {
         a_done += env.jobs.get(None, id).await.unwrap().unwrap().completed;
@@ -387,6 +406,22 @@ async fn images_over_a_vendors_quota_are_deferred_then_resume_by_themselves() {
     let waiting: Vec<_> = job.images.iter().filter(|i| i.status == "throttled").collect();
     assert!(!waiting.is_empty(), "{job:?}");
     assert!(waiting.iter().all(|i| i.resume_at_ms.is_some() && i.attempts == 0));
+    // A new job of the vendor's would wait for the quota, and is told so.
+    let estimator = JobStore::new(env.pipeline.clone(), 3600).with_scheduling(
+        QuotaConfig {
+            limits: [("resize".to_string(), 3)].into(),
+            window_ms: 1_500,
+        },
+        0,
+    );
+    let est = estimator
+        .estimate_start("vendor-a", &["resize".to_string()])
+        .await
+        .unwrap()
+        .expect("nothing queued ahead");
+    let resumes = est.quota_resumes_ms.expect("the quota decides");
+    assert_eq!(est.start_ms, resumes);
+    assert!(resumes > image_queue_pipeline::now_ms(), "{est:?}");
 
     finished.wait(&ids, Duration::from_secs(20)).await;
     let elapsed = started.elapsed();

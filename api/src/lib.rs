@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod ops;
 pub mod ratelimit;
 pub mod routes;
+pub mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,6 +83,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/image-queue/jobs", post(routes::submit).get(routes::list))
         .route("/api/image-queue/job/{id}", get(routes::get_job).delete(routes::cancel))
         .route("/api/image-queue/job/{id}/events", get(events::job_events))
+        .route(
+            "/api/image-queue/webhook",
+            get(webhook::get).put(webhook::set).delete(webhook::remove),
+        )
         .route("/api/image-queue/queue-stats", get(routes::queue_stats))
         .route("/api/worker/health", get(routes::worker_health))
         .route("/healthz", get(routes::healthz))

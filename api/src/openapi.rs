@@ -26,6 +26,27 @@ pub struct Submitted {
     pub status: String,
     pub images: usize,
     pub status_url: String,
+    /// When the job's first image is expected to start; absent when the
+    /// pipeline has not measured its throughput yet. The job's status
+    /// carries the same while the job waits.
+    pub estimated_start: Option<EstimatedStart>,
+}
+
+/// A start estimate: the vendor's own queue ahead, drained at the vendor's
+/// fair share of the measured throughput, or a used-up quota's refill.
+#[derive(Serialize, ToSchema)]
+pub struct EstimatedStart {
+    /// Milliseconds since the epoch.
+    pub start_ms: u64,
+    /// The vendor's images queued ahead.
+    pub queued_ahead: u64,
+    /// The vendor's share of the pipeline (weight over the weights of
+    /// vendors with images waiting).
+    pub share: f64,
+    /// Images per second the pipeline finished lately.
+    pub throughput: f64,
+    /// Present when a used-up processing quota decides the start.
+    pub quota_resumes_ms: Option<u64>,
 }
 
 struct BearerAuth;
@@ -51,8 +72,11 @@ impl Modify for BearerAuth {
         crate::events::job_events,
         crate::admin::dead_letters,
         crate::admin::add_vendor,
+        crate::webhook::set,
+        crate::webhook::get,
+        crate::webhook::remove,
     ),
-    components(schemas(ErrorBody, ErrorDetail, Submitted, crate::routes::JsonJob, crate::routes::JsonImage, crate::admin::NewVendor)),
+    components(schemas(ErrorBody, ErrorDetail, Submitted, EstimatedStart, crate::routes::JsonJob, crate::routes::JsonImage, crate::admin::NewVendor, crate::webhook::SetWebhook)),
     modifiers(&BearerAuth),
     security(("api_key" = [])),
 )]

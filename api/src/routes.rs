@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use image_queue_pipeline::blob::blob_key;
+use image_queue_pipeline::estimate::StartEstimate;
 use image_queue_pipeline::jobs::{is_terminal, Cancelled};
 use image_queue_pipeline::{stats, NewImage, NewJob, Operation, Source};
 use serde::de::DeserializeOwned;
@@ -222,7 +223,7 @@ pub async fn submit(
     if let Some(key) = &idempotency_key {
         if let Some(existing) = state.jobs.idempotent_job(&vendor.0, key).await? {
             state.blobs.delete_job(&job_id).await.ok();
-            return Ok(submitted_response(StatusCode::OK, &existing, n));
+            return Ok(submitted_response(StatusCode::OK, &existing, n, None));
         }
     }
     let limits = &state.config.rate_limits;
@@ -255,6 +256,17 @@ pub async fn submit(
             return Err(e);
         }
     };
+    let op_names: Vec<String> = operations.iter().map(|o| o.as_str().to_string()).collect();
+    // Read before the job is queued: the images ahead of it are the
+    // vendor's, whatever other vendors have queued.
+    let estimate = match state.jobs.estimate_start(&vendor.0, &op_names).await {
+        Ok(e) => e,
+        Err(e) => {
+            // An estimate is a courtesy; it never fails a submit.
+            tracing::warn!(error = %e, "estimating a start time failed");
+            None
+        }
+    };
     let submitted = state
         .jobs
         .submit(NewJob {
@@ -278,25 +290,33 @@ pub async fn submit(
     } else {
         StatusCode::OK
     };
-    Ok(with_rate(submitted_response(status, &submitted.job_id, n), &rate))
+    let estimate = estimate.filter(|_| submitted.created);
+    Ok(with_rate(
+        submitted_response(status, &submitted.job_id, n, estimate),
+        &rate,
+    ))
 }
 
-fn submitted_response(status: StatusCode, job_id: &str, images: usize) -> Response {
-    (
-        status,
-        Json(json!({
-            "job_id": job_id,
-            "status": "queued",
-            "images": images,
-            "status_url": format!("/api/image-queue/job/{job_id}"),
-        })),
-    )
-        .into_response()
+fn submitted_response(status: StatusCode, job_id: &str, images: usize, estimate: Option<StartEstimate>) -> Response {
+    let mut body = json!({
+        "job_id": job_id,
+        "status": "queued",
+        "images": images,
+        "status_url": format!("/api/image-queue/job/{job_id}"),
+    });
+    if let Some(e) = estimate {
+        body["estimated_start"] = json!(e);
+    }
+    (status, Json(body)).into_response()
 }
 
 fn hex_of(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+fn not_an_image(index: usize) -> ApiError {
+    ApiError::UnsupportedMediaType(format!("file {} is not a JPEG, PNG, WebP or GIF image", index + 1))
 }
 
 async fn read_multipart(
@@ -327,27 +347,34 @@ async fn read_multipart(
                             state.config.max_images_per_job
                         )));
                     }
-                    let mut data = Vec::new();
+                    // Streamed to the blob store as it arrives: a job of
+                    // 100 images of 25 MB never sits in memory. The first
+                    // bytes decide whether it is an image at all.
+                    let index = blobs.len();
+                    let key = blob_key(job_id, index as u32, "original");
+                    let stored = |e: std::io::Error| ApiError::Internal(format!("storing an upload: {e}"));
+                    let mut writer = state.blobs.writer(&key).await.map_err(stored)?;
+                    let mut head = Vec::with_capacity(16);
+                    let mut size = 0u64;
                     while let Some(chunk) = field.chunk().await.map_err(bad)? {
-                        if data.len() as u64 + chunk.len() as u64 > max {
+                        size += chunk.len() as u64;
+                        if size > max {
                             return Err(ApiError::PayloadTooLarge(format!(
                                 "images are limited to {max} bytes each"
                             )));
                         }
-                        data.extend_from_slice(&chunk);
+                        if head.len() < 16 {
+                            head.extend_from_slice(&chunk[..chunk.len().min(16 - head.len())]);
+                            if head.len() == 16 && !is_image(&head) {
+                                return Err(not_an_image(index));
+                            }
+                        }
+                        writer.write(&chunk).await.map_err(stored)?;
                     }
-                    if !is_image(&data) {
-                        return Err(ApiError::UnsupportedMediaType(format!(
-                            "file {} is not a JPEG, PNG, WebP or GIF image",
-                            blobs.len() + 1
-                        )));
+                    if !is_image(&head) {
+                        return Err(not_an_image(index));
                     }
-                    let key = blob_key(job_id, blobs.len() as u32, "original");
-                    state
-                        .blobs
-                        .put(&key, Bytes::from(data))
-                        .await
-                        .map_err(|e| ApiError::Internal(format!("storing an upload: {e}")))?;
+                    writer.commit().await.map_err(stored)?;
                     blobs.push(key);
                 }
                 other => {

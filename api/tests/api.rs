@@ -12,6 +12,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use image_queue_api::{app, ApiConfig, AppState, Auth, Limit, ProgressHub};
+use image_queue_pipeline::now_ms;
 use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
 use image_queue_pipeline::{
@@ -179,15 +180,21 @@ async fn vendors_cannot_see_list_or_cancel_each_others_jobs() {
     let a = new_vendor(&h.app, "vendor-a").await;
     let b = new_vendor(&h.app, "vendor-b").await;
 
+    let before = now_ms();
     let r = send(&h.app, submit(&a, &["resize"], 2)).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
     let job = r.body["job_id"].as_str().unwrap().to_string();
     let url = format!("/api/image-queue/job/{job}");
+    // Nothing queued ahead: it should start right away, and says so.
+    let start = r.body["estimated_start"]["start_ms"].as_u64().expect("an estimate");
+    assert!(start >= before && start <= now_ms(), "{}", r.body);
+    assert_eq!(r.body["estimated_start"]["queued_ahead"], 0);
 
     let own = send(&h.app, get(&url, &a)).await;
     assert_eq!(own.status, StatusCode::OK);
     assert_eq!(own.body["job_id"], job.as_str());
     assert_eq!(own.body["total"], 2);
+    assert!(own.body["estimated_start"]["start_ms"].is_u64(), "{}", own.body);
 
     // Another vendor's job answers exactly like a job that does not exist.
     let missing = send(&h.app, get(&format!("/api/image-queue/job/{}", "0".repeat(32)), &b)).await;
@@ -842,6 +849,9 @@ async fn the_openapi_description_names_every_vendor_and_admin_route() {
         ("/api/image-queue/job/{id}/events", "get"),
         ("/api/admin/dead-letters", "get"),
         ("/api/admin/vendors", "post"),
+        ("/api/image-queue/webhook", "put"),
+        ("/api/image-queue/webhook", "get"),
+        ("/api/image-queue/webhook", "delete"),
     ] {
         assert!(paths[path][method].is_object(), "{method} {path} is not described");
     }
@@ -849,4 +859,45 @@ async fn the_openapi_description_names_every_vendor_and_admin_route() {
     assert!(submit["responses"]["429"].is_object());
     assert!(r.body["components"]["schemas"]["JsonJob"]["properties"]["operations"].is_object());
     assert!(r.body["components"]["securitySchemes"]["api_key"].is_object());
+}
+
+#[tokio::test]
+async fn a_vendor_sets_reads_and_removes_its_own_webhook() {
+    let h = harness(ApiConfig::default()).await;
+    let a = new_vendor(&h.app, "vendor-a").await;
+    let b = new_vendor(&h.app, "vendor-b").await;
+    let path = "/api/image-queue/webhook";
+
+    let set = send(
+        &h.app,
+        json_req("PUT", path, Some(&a), &json!({"url": "https://shop.example/hooks/iq"})),
+    )
+    .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.body);
+    let secret = set.body["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_") && secret.len() >= 32, "{secret}");
+
+    // Read back without the secret; another vendor sees none of it.
+    let got = send(&h.app, get(path, &a)).await;
+    assert_eq!(got.body, json!({"url": "https://shop.example/hooks/iq"}));
+    let theirs = send(&h.app, get(path, &b)).await;
+    assert_eq!(theirs.body, json!({"url": null}));
+    assert!(!theirs.body.to_string().contains(secret));
+
+    for bad in [
+        json!({"url": "ftp://shop.example/x"}),
+        json!({"url": "not a url"}),
+        json!({"url": "https://x.example", "events": ["all"]}),
+    ] {
+        send(&h.app, json_req("PUT", path, Some(&a), &bad))
+            .await
+            .error(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable");
+    }
+    send(&h.app, req("PUT", path, None).body(Body::empty()).unwrap())
+        .await
+        .error(StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let removed = send(&h.app, req("DELETE", path, Some(&a)).body(Body::empty()).unwrap()).await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    assert_eq!(send(&h.app, get(path, &a)).await.body, json!({"url": null}));
 }

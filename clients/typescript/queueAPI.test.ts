@@ -129,6 +129,15 @@ test("an idempotent retry returns the same job; list and cancel", async () => {
   }
 });
 
+test("a vendor's webhook: set, read without its secret, remove", async () => {
+  const api = new QueueAPI({ baseUrl: base, apiKey: key });
+  const set = await api.setWebhook("https://shop.example/hooks/iq");
+  assert.match(set.secret, /^whsec_[0-9a-f]{48}$/);
+  assert.deepEqual(await api.getWebhook(), { url: "https://shop.example/hooks/iq" });
+  await api.removeWebhook();
+  assert.deepEqual(await api.getWebhook(), { url: null });
+});
+
 test("errors carry the API's status and code", async () => {
   const bad = new QueueAPI({ baseUrl: base, apiKey: "not-a-key" });
   await assert.rejects(bad.getJob("0".repeat(32)), (e: unknown) => e instanceof QueueApiError && e.status === 401);

@@ -33,7 +33,21 @@ export interface Job {
   completed: number;
   failed: number;
   skipped: number;
+  /** What became of the vendor's webhook call for this job's end. */
+  webhook?: string;
+  /** While no image has started: when the first is expected to. */
+  estimated_start?: EstimatedStart;
   images: ImageState[];
+}
+
+/** The vendor's own queue ahead, drained at its fair share of the measured
+ * throughput, or a used-up quota's refill, whichever is later. */
+export interface EstimatedStart {
+  start_ms: number;
+  queued_ahead: number;
+  share: number;
+  throughput: number;
+  quota_resumes_ms?: number;
 }
 
 export interface Submitted {
@@ -41,6 +55,8 @@ export interface Submitted {
   status: "queued";
   images: number;
   status_url: string;
+  /** Absent until the pipeline has measured its throughput. */
+  estimated_start?: EstimatedStart;
 }
 
 export interface Progress {
@@ -142,6 +158,21 @@ export class QueueAPI {
 
   cancelJob(jobId: string): Promise<Job> {
     return this.request("DELETE", `/api/image-queue/job/${encodeURIComponent(jobId)}`);
+  }
+
+  /** Sets (or replaces) this vendor's webhook; the secret is shown only here. */
+  setWebhook(url: string): Promise<{ url: string; secret: string }> {
+    return this.request("PUT", "/api/image-queue/webhook", JSON.stringify({ url }), {
+      "content-type": "application/json",
+    });
+  }
+
+  getWebhook(): Promise<{ url: string | null }> {
+    return this.request("GET", "/api/image-queue/webhook");
+  }
+
+  async removeWebhook(): Promise<void> {
+    await this.request("DELETE", "/api/image-queue/webhook");
   }
 
   listJobs(opts: { status?: JobStatus | "active"; cursor?: number; limit?: number } = {}): Promise<{

@@ -10,6 +10,7 @@ use redis::AsyncCommands;
 use serde::Serialize;
 
 use crate::context::Pipeline;
+use crate::estimate::{self, QuotaConfig, StartEstimate};
 use crate::event::{EventKind, ImageEvent, Operation, Source, StageName, EVENT_VERSION};
 use crate::now_ms;
 
@@ -75,6 +76,12 @@ pub struct JobView {
     pub completed: u32,
     pub failed: u32,
     pub skipped: u32,
+    /// While no image of the job has started: when one is expected to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_start: Option<StartEstimate>,
+    /// What became of the vendor's webhook call for this job's end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<String>,
     pub images: Vec<ImageView>,
 }
 
@@ -100,11 +107,47 @@ pub enum Cancelled {
 pub struct JobStore {
     p: Pipeline,
     retention_secs: u64,
+    /// What the scheduler enforces, for start estimates.
+    quotas: QuotaConfig,
+    admission_window: u64,
 }
 
 impl JobStore {
     pub fn new(p: Pipeline, retention_secs: u64) -> Self {
-        JobStore { p, retention_secs }
+        JobStore {
+            p,
+            retention_secs,
+            quotas: QuotaConfig::default(),
+            admission_window: 0,
+        }
+    }
+
+    /// Tells the store the scheduler's quotas and admission window (the
+    /// pipeline's config), so its start estimates account for them.
+    pub fn with_scheduling(mut self, quotas: QuotaConfig, admission_window: u64) -> Self {
+        self.quotas = quotas;
+        self.admission_window = admission_window;
+        self
+    }
+
+    /// When `vendor`'s next image asking for `ops` is expected to start;
+    /// `None` when there is no throughput to go by yet.
+    pub async fn estimate_start(&self, vendor: &str, ops: &[String]) -> redis::RedisResult<Option<StartEstimate>> {
+        self.estimate_start_behind(vendor, ops, 0).await
+    }
+
+    /// The same for a job with `own_waiting` images already in its
+    /// vendor's queue: those are not ahead of its first one. (Later jobs'
+    /// images may still be counted: the estimate errs late, never early.)
+    async fn estimate_start_behind(
+        &self,
+        vendor: &str,
+        ops: &[String],
+        own_waiting: u64,
+    ) -> redis::RedisResult<Option<StartEstimate>> {
+        let mut snap = estimate::snapshot(&self.p, vendor, ops, &self.quotas, self.admission_window).await?;
+        snap.queued_ahead = snap.queued_ahead.saturating_sub(own_waiting);
+        Ok(snap.estimate())
     }
 
     pub fn pipeline(&self) -> &Pipeline {
@@ -174,11 +217,19 @@ impl JobStore {
         }
         let mut conn = self.p.conn.clone();
         let fields: HashMap<String, String> = conn.hgetall(self.p.keys.job(id)).await?;
-        let Some(view) = parse_job(&fields) else {
+        let Some(mut view) = parse_job(&fields) else {
             return Ok(None);
         };
         if vendor.is_some_and(|v| v != view.vendor) {
             return Ok(None);
+        }
+        // A job still queued has no image started yet (the dispatcher marks
+        // the job processing with its first one).
+        if view.status == "queued" {
+            let waiting = view.images.iter().filter(|i| i.status == "waiting").count() as u64;
+            view.estimated_start = self
+                .estimate_start_behind(&view.vendor, &view.operations, waiting)
+                .await?;
         }
         Ok(Some(view))
     }
@@ -281,6 +332,8 @@ fn parse_job(f: &HashMap<String, String>) -> Option<JobView> {
         completed: num("done") as u32,
         failed: num("failed") as u32,
         skipped: num("skipped") as u32,
+        estimated_start: None,
+        webhook: f.get("webhook").cloned(),
         images,
     })
 }

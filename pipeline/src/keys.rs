@@ -139,6 +139,24 @@ impl Keys {
     pub fn replays(&self) -> String {
         format!("{}:replays", self.base)
     }
+
+    /// Hash of vendor id to its webhook registration (URL and secret).
+    /// `scripts/lib.lua` derives this name from a job key: keep them alike.
+    pub fn webhooks(&self) -> String {
+        format!("{}:webhooks", self.base)
+    }
+
+    /// Stream of job-ended notices for vendors' webhooks, appended by the
+    /// script that ends the job (name derived in `scripts/lib.lua` too).
+    pub fn webhook_outbox(&self) -> String {
+        format!("{}:webhook-outbox", self.base)
+    }
+
+    /// Sorted set of webhook notices waiting for another attempt, scored
+    /// by the millisecond it is due.
+    pub fn webhook_retries(&self) -> String {
+        format!("{}:webhook-retry", self.base)
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +172,8 @@ mod tests {
             k.job("j1"),
             k.retries(StageName::Resize),
             k.dead_letters(),
+            k.webhooks(),
+            k.webhook_outbox(),
         ] {
             assert!(key.starts_with("{iq}:"), "{key}");
         }

@@ -13,6 +13,7 @@
 pub mod blob;
 pub mod context;
 pub mod dlq;
+pub mod estimate;
 pub mod event;
 pub mod jobs;
 pub mod keys;
@@ -24,8 +25,9 @@ pub mod scripts;
 pub mod stage;
 pub mod stats;
 pub mod trace;
+pub mod webhooks;
 
-pub use blob::{BlobStore, LocalBlobStore};
+pub use blob::{BlobStore, BlobWriter, LocalBlobStore};
 pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};
 pub use jobs::{JobStore, JobView, NewImage, NewJob};
 pub use keys::Keys;

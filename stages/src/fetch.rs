@@ -272,6 +272,46 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// POSTs a body to a vendor's URL (a webhook) under the same address
+    /// rules as fetching. Answers the status once the receiver took it (2xx);
+    /// 408, 429 and 5xx are worth retrying (with the receiver's
+    /// `Retry-After`), other answers are permanent.
+    pub async fn post(&self, url: &str, headers: reqwest::header::HeaderMap, body: Vec<u8>) -> Result<u16, StageError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| StageError::permanent(format!("invalid URL: {e}")))?;
+        check_url(&parsed, &self.policy).map_err(StageError::permanent)?;
+        let resp = self
+            .client
+            .post(parsed)
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(status.as_u16());
+        }
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = format!("HTTP {status}");
+        let code = status.as_u16();
+        let err = if code == 408 || code == 429 || status.is_server_error() {
+            StageError::retryable(text)
+        } else {
+            StageError::permanent(text)
+        };
+        Err(match retry_after {
+            Some(after) => err.with_retry_after(after),
+            None => err,
+        })
+    }
+}
+
 /// Retryable unless the fault is our refusal to connect or a bad redirect.
 fn classify(e: reqwest::Error) -> StageError {
     let mut text = e.to_string();

@@ -18,6 +18,7 @@ pub mod rembg;
 pub mod resize;
 pub mod u2net;
 pub mod upload;
+pub mod webhook;
 
 use std::sync::Arc;
 

@@ -28,6 +28,14 @@ local function close_job_if_done(job, now, channel)
   end
   redis.call('HSET', job, 'status', status, 'finished_ms', now, 'updated_ms', now)
   redis.call('PUBLISH', channel, v[6] .. ' ' .. status)
+  -- The vendor's webhook, if it has one, is told in this same step (the
+  -- keys share the job key's hash tag; see keys.rs).
+  local base = string.match(job, '^(.*):job:[^:]*$')
+  local vendor = redis.call('HGET', job, 'vendor')
+  if base and vendor and redis.call('HEXISTS', base .. ':webhooks', vendor) == 1 then
+    redis.call('XADD', base .. ':webhook-outbox', '*', 'job', v[6], 'vendor', vendor,
+      'status', status, 'finished_ms', tostring(now), 'attempt', '1')
+  end
   return 1
 end
 

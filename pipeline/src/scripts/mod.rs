@@ -27,6 +27,8 @@ pub struct Scripts {
     pub rate_limit: Script,
     pub replay: Script,
     pub quota: Script,
+    pub promote_webhooks: Script,
+    pub settle_webhook: Script,
 }
 
 impl Scripts {
@@ -46,6 +48,8 @@ impl Scripts {
             rate_limit: with_lib(include_str!("rate_limit.lua")),
             replay: with_lib(include_str!("replay.lua")),
             quota: with_lib(include_str!("quota.lua")),
+            promote_webhooks: with_lib(include_str!("promote_webhooks.lua")),
+            settle_webhook: with_lib(include_str!("settle_webhook.lua")),
         }
     }
 }

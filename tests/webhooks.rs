@@ -1,0 +1,218 @@
+//! Vendors' webhooks against a real HTTP receiver: a job's end is POSTed,
+//! signed with the vendor's secret, retried with backoff while the receiver
+//! fails, recorded on the job; private addresses are refused unless allowed;
+//! a vendor without a webhook gets no call.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use common::*;
+use hmac::{Hmac, Mac};
+use image_queue_pipeline::redis_server::Fsync;
+use image_queue_pipeline::webhooks::{run_deliveries, JobFinished, WebhookDeliveryConfig, Webhooks};
+use image_queue_pipeline::{Operation, RetryPolicy};
+use image_queue_stages::webhook::HttpWebhookSender;
+use image_queue_stages::FetchConfig;
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One call the receiver got.
+struct Call {
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+/// A receiver that fails its first `fail_first` calls with 503, then
+/// answers 204, and reports each call.
+async fn receiver(fail_first: usize) -> (String, mpsc::UnboundedReceiver<Call>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let seen = Arc::new(Mutex::new(0usize));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (tx, seen) = (tx.clone(), seen.clone());
+            async move {
+                let n = {
+                    let mut s = seen.lock().unwrap();
+                    *s += 1;
+                    *s
+                };
+                tx.send(Call {
+                    headers,
+                    body: body.to_vec(),
+                })
+                .ok();
+                if n <= fail_first {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), rx)
+}
+
+fn fast_delivery() -> WebhookDeliveryConfig {
+    WebhookDeliveryConfig {
+        retry: RetryPolicy {
+            max_attempts: 3,
+            base_ms: 100,
+            factor: 2.0,
+            max_ms: 1_000,
+            jitter: 0.0,
+        },
+        read_block_ms: 200,
+        ..WebhookDeliveryConfig::default()
+    }
+}
+
+fn sender(allow_loopback: bool) -> Arc<HttpWebhookSender> {
+    let fetch = FetchConfig {
+        allow_networks: if allow_loopback {
+            vec!["127.0.0.1/32".into()]
+        } else {
+            vec![]
+        },
+        ..FetchConfig::default()
+    };
+    Arc::new(HttpWebhookSender::new(fetch.build().unwrap()))
+}
+
+/// What a receiver does: recompute the signature over `<t>.<body>`.
+fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+    let sig = headers["image-queue-signature"].to_str().unwrap();
+    let (t, v1) = sig.split_once(",v1=").unwrap();
+    let t = t.strip_prefix("t=").unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    mac.verify_slice(&hex::decode(v1).unwrap()).is_ok()
+}
+
+async fn next_call(rx: &mut mpsc::UnboundedReceiver<Call>) -> Call {
+    tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the webhook was not called")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_finished_job_is_posted_signed_and_retried_until_taken() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let (url, mut calls) = receiver(2).await;
+    let hooks = Webhooks::new(env.pipeline.clone());
+    let secret = hooks.set("vendor-a", &url).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let delivery = tokio::spawn(run_deliveries(
+        env.pipeline.clone(),
+        sender(true),
+        fast_delivery(),
+        shutdown.clone(),
+    ));
+
+    let ids = env.submit("vendor-a", 1, 2, &[Operation::Resize], 64).await;
+    // Vendor B has no webhook: its job must not reach A's receiver.
+    let other = env.submit("vendor-b", 1, 1, &[Operation::Resize], 64).await;
+    env.wait_terminal(&other, Duration::from_secs(30)).await;
+
+    // Two 503s, then taken: three calls, the same notice each time but its
+    // attempt number, each correctly signed.
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        let call = next_call(&mut calls).await;
+        assert!(verify(&secret, &call.headers, &call.body), "bad signature");
+        assert!(!verify("whsec_wrong", &call.headers, &call.body));
+        assert_eq!(call.headers["image-queue-delivery"], ids[0].as_str());
+        assert_eq!(call.headers["content-type"], "application/json");
+        let notice: JobFinished = serde_json::from_slice(&call.body).unwrap();
+        assert_eq!(
+            (notice.job_id.as_str(), notice.status.as_str()),
+            (ids[0].as_str(), "completed")
+        );
+        assert_eq!(notice.event, "job.finished");
+        attempts.push(notice.attempt);
+    }
+    assert_eq!(attempts, [1, 2, 3]);
+
+    // The job record says so, once the delivery is settled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let job = env.jobs.get(Some("vendor-a"), &ids[0]).await.unwrap().unwrap();
+        match job.webhook {
+            Some(w) if w.starts_with("delivered") => break w,
+            _ if std::time::Instant::now() > deadline => panic!("no delivery recorded: {:?}", job.webhook),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(record, "delivered: HTTP 204 on attempt 3");
+    let b = env.jobs.get(Some("vendor-b"), &other[0]).await.unwrap().unwrap();
+    assert_eq!(b.webhook, None);
+
+    // Nothing more is sent, and nothing is left in the outbox or retries.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), calls.recv())
+            .await
+            .is_err(),
+        "a settled webhook was sent again"
+    );
+    let mut conn = env.pipeline.conn.clone();
+    let outbox: u64 = redis::cmd("XLEN")
+        .arg(env.pipeline.keys.webhook_outbox())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let retries: u64 = redis::cmd("ZCARD")
+        .arg(env.pipeline.keys.webhook_retries())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!((outbox, retries), (0, 0));
+
+    shutdown.cancel();
+    delivery.await.unwrap().unwrap();
+    while stages.join_next().await.is_some() {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_aimed_at_a_private_address_is_refused_not_retried() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let (url, mut calls) = receiver(0).await;
+    Webhooks::new(env.pipeline.clone()).set("vendor-a", &url).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    // No allow-list: 127.0.0.1 is loopback, and a vendor may not aim there.
+    let delivery = tokio::spawn(run_deliveries(
+        env.pipeline.clone(),
+        sender(false),
+        fast_delivery(),
+        shutdown.clone(),
+    ));
+    let ids = env.submit("vendor-a", 1, 1, &[Operation::Resize], 64).await;
+    env.wait_terminal(&ids, Duration::from_secs(30)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+        match job.webhook {
+            Some(w) => break w,
+            None if std::time::Instant::now() > deadline => panic!("no delivery outcome recorded"),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(
+        record.starts_with("failed after 1 attempts") && record.contains("loopback"),
+        "{record}"
+    );
+    assert!(calls.try_recv().is_err(), "the private address was reached");
+    shutdown.cancel();
+    delivery.await.unwrap().unwrap();
+    while stages.join_next().await.is_some() {}
+}
