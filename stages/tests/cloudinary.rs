@@ -36,11 +36,14 @@ struct Received {
     file_name: String,
 }
 
+/// A status to answer with, and its `Retry-After` if any.
+type Failure = (StatusCode, Option<&'static str>);
+
 #[derive(Clone, Default)]
 struct StandIn {
     received: Arc<Mutex<Vec<Received>>>,
     /// Statuses to answer the next requests with instead of uploading.
-    failures: Arc<Mutex<Vec<(StatusCode, Option<&'static str>)>>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
 }
 
 async fn upload(State(s): State<StandIn>, Path(cloud): Path<String>, mut form: Multipart) -> Response {
