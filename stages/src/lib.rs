@@ -15,6 +15,7 @@ pub mod fetch;
 pub mod rate_check;
 pub mod rembg;
 pub mod resize;
+pub mod s3;
 pub mod u2net;
 pub mod upload;
 
