@@ -290,4 +290,37 @@ mod tests {
         }
         assert!(toml::from_str::<Config>("").unwrap().upload.is_none());
     }
+
+    #[test]
+    fn an_s3_upload_section_takes_its_keys_from_the_environment_by_default() {
+        let c: Config = toml::from_str(
+            "[upload]\nbackend = \"s3\"\nbucket = \"media\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n",
+        )
+        .unwrap();
+        match c.upload {
+            Some(UploadConfig::S3 {
+                bucket,
+                endpoint,
+                region,
+                prefix,
+                public_base_url,
+                access_key_id_env,
+                secret_access_key_env,
+                allow_http,
+                ..
+            }) => {
+                assert_eq!(bucket, "media");
+                assert_eq!(endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+                assert_eq!(region, "us-east-1");
+                assert_eq!((prefix.as_str(), public_base_url.as_str()), ("", ""));
+                assert_eq!(access_key_id_env, "AWS_ACCESS_KEY_ID");
+                assert_eq!(secret_access_key_env, "AWS_SECRET_ACCESS_KEY");
+                assert!(allow_http);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A secret in the file itself is refused, not silently ignored.
+        let e = toml::from_str::<Config>("[upload]\nbackend = \"s3\"\nbucket = \"m\"\nsecret_access_key = \"x\"\n");
+        assert!(e.is_err());
+    }
 }

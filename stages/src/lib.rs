@@ -16,6 +16,7 @@ pub mod onnxruntime;
 pub mod rate_check;
 pub mod rembg;
 pub mod resize;
+pub mod s3;
 pub mod u2net;
 pub mod upload;
 pub mod webhook;

@@ -3,9 +3,11 @@
 //!
 //! Object keys are deterministic, `<vendor>/<job>/<image>/<variant>.<ext>`,
 //! so a redelivered event overwrites what an earlier attempt wrote instead
-//! of leaving a second object. Backends: a local directory the API serves,
-//! or Cloudinary (see [`crate::cloudinary`]), whose asset ids are recorded
-//! in the event's notes under `cloudinary.<variant>`.
+//! of leaving a second object. Backends: a local directory the API serves;
+//! Cloudinary (see [`crate::cloudinary`]), whose asset ids are recorded in
+//! the event's notes under `cloudinary.<variant>`; or an S3-compatible
+//! bucket (see [`crate::s3`]), whose object keys, ETags and versions are
+//! recorded under `s3.<variant>`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cloudinary::{self, Credentials};
 use crate::decode::sniff;
+use crate::s3;
 use crate::StageContext;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +49,63 @@ pub enum UploadConfig {
         #[serde(default = "default_upload_timeout_ms")]
         timeout_ms: u64,
     },
+    /// An S3-compatible bucket: AWS S3, MinIO, Cloudflare R2, ...
+    S3 {
+        bucket: String,
+        /// The service's URL, for S3-compatible services (e.g.
+        /// `http://127.0.0.1:9000` for a MinIO). Absent: AWS S3.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<String>,
+        #[serde(default = "default_s3_region")]
+        region: String,
+        /// Key prefix above the per-vendor folders. Empty: vendors'
+        /// folders at the top of the bucket.
+        #[serde(default)]
+        prefix: String,
+        /// What recorded URLs start with: the bucket's root as the shop
+        /// reaches it (a CDN, a public bucket domain). Empty:
+        /// `<endpoint>/<bucket>`, or AWS's `https://<bucket>.s3.<region>.amazonaws.com`.
+        #[serde(default)]
+        public_base_url: String,
+        /// The environment variables holding the access key pair (and the
+        /// session token of temporary credentials, if set); the secret is
+        /// never written in the configuration itself.
+        #[serde(default = "default_s3_key_env")]
+        access_key_id_env: String,
+        #[serde(default = "default_s3_secret_env")]
+        secret_access_key_env: String,
+        #[serde(default = "default_s3_token_env")]
+        session_token_env: String,
+        /// Allow a plain `http://` endpoint (a local MinIO).
+        #[serde(default)]
+        allow_http: bool,
+        #[serde(default = "default_upload_timeout_ms")]
+        timeout_ms: u64,
+        /// Retries of a connection error or 5xx inside one attempt, before
+        /// the pipeline's own retries of the event take over.
+        #[serde(default = "default_s3_retries")]
+        retries: usize,
+    },
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+
+fn default_s3_key_env() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+
+fn default_s3_secret_env() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+
+fn default_s3_token_env() -> String {
+    "AWS_SESSION_TOKEN".into()
+}
+
+fn default_s3_retries() -> usize {
+    2
 }
 
 fn default_cloudinary_env() -> String {
@@ -64,6 +124,8 @@ fn default_upload_timeout_ms() -> u64 {
 pub enum UploadError {
     #[error("cloudinary credentials: {0}")]
     Credentials(#[from] cloudinary::CredentialsError),
+    #[error("s3 credentials: {0}")]
+    S3Credentials(#[from] s3::CredentialsError),
     #[error("{0}")]
     Client(String),
 }
@@ -75,8 +137,59 @@ impl UploadConfig {
                 let credentials = Credentials::from_env(credentials_env)?;
                 self.build_with(ctx, Some(credentials))
             }
+            UploadConfig::S3 {
+                access_key_id_env,
+                secret_access_key_env,
+                session_token_env,
+                ..
+            } => {
+                let credentials =
+                    s3::Credentials::from_env(access_key_id_env, secret_access_key_env, session_token_env)?;
+                self.build_s3_with(ctx, credentials)
+            }
             UploadConfig::Local { .. } => self.build_with(ctx, None),
         }
+    }
+
+    /// Builds the `s3` backend with the given credentials instead of
+    /// reading them from the environment.
+    pub fn build_s3_with(&self, ctx: StageContext, credentials: s3::Credentials) -> Result<UploadStage, UploadError> {
+        let UploadConfig::S3 {
+            bucket,
+            endpoint,
+            region,
+            prefix,
+            public_base_url,
+            allow_http,
+            timeout_ms,
+            retries,
+            ..
+        } = self
+        else {
+            return Err(UploadError::Client("S3 credentials given for another backend".into()));
+        };
+        let settings = s3::Settings {
+            bucket: bucket.clone(),
+            endpoint: endpoint.clone().filter(|e| !e.is_empty()),
+            region: region.clone(),
+            allow_http: *allow_http,
+            timeout: Duration::from_millis(*timeout_ms),
+            retries: *retries,
+        };
+        let public_base_url = if public_base_url.is_empty() {
+            settings.default_public_base_url()
+        } else {
+            public_base_url.trim_end_matches('/').to_string()
+        };
+        let client = s3::Client::new(&settings, credentials).map_err(UploadError::Client)?;
+        Ok(UploadStage {
+            ctx,
+            backend: Backend::S3 {
+                client: Arc::new(client),
+                prefix: prefix.trim_matches('/').to_string(),
+                public_base_url,
+            },
+        })
     }
 
     /// Builds with the given Cloudinary credentials instead of reading
@@ -103,6 +216,7 @@ impl UploadConfig {
                     folder: folder.trim_matches('/').to_string(),
                 }
             }
+            UploadConfig::S3 { .. } => return self.build(ctx),
         };
         Ok(UploadStage { ctx, backend })
     }
@@ -116,6 +230,11 @@ enum Backend {
     Cloudinary {
         client: Arc<cloudinary::Client>,
         folder: String,
+    },
+    S3 {
+        client: Arc<s3::Client>,
+        prefix: String,
+        public_base_url: String,
     },
 }
 
@@ -208,6 +327,34 @@ impl UploadStage {
                     );
                 }
                 Ok(up.secure_url)
+            }
+            Backend::S3 {
+                client,
+                prefix,
+                public_base_url,
+            } => {
+                let key = object_key(ev, variant, ext);
+                let key = if prefix.is_empty() {
+                    key
+                } else {
+                    format!("{prefix}/{key}")
+                };
+                let stored = client.put(&key, content_type, bytes).await?;
+                let objects = ev
+                    .notes
+                    .entry("s3")
+                    .or_insert_with(|| serde_json::Value::Object(Default::default()));
+                if let Some(map) = objects.as_object_mut() {
+                    map.insert(
+                        variant.to_string(),
+                        serde_json::json!({
+                            "key": key,
+                            "e_tag": stored.e_tag,
+                            "version": stored.version,
+                        }),
+                    );
+                }
+                Ok(format!("{public_base_url}/{key}"))
             }
         }
     }

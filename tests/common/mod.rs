@@ -89,9 +89,25 @@ impl TestEnv {
 
     /// Runs every stage in this process until the token is cancelled.
     pub async fn run_all_stages(&self, cfg: RunnerConfig, shutdown: CancellationToken) -> tokio::task::JoinSet<()> {
+        let upload = self.stage(StageName::Upload).await;
+        self.run_all_stages_with_upload(cfg, shutdown, upload).await
+    }
+
+    /// Runs every stage, with `upload` as the upload stage, until the token
+    /// is cancelled.
+    pub async fn run_all_stages_with_upload(
+        &self,
+        cfg: RunnerConfig,
+        shutdown: CancellationToken,
+        upload: Arc<dyn Stage>,
+    ) -> tokio::task::JoinSet<()> {
         let mut set = tokio::task::JoinSet::new();
         for name in StageName::ALL {
-            let runner = StageRunner::new(self.pipeline.clone(), self.stage(name).await, cfg.clone());
+            let stage = match name {
+                StageName::Upload => upload.clone(),
+                _ => self.stage(name).await,
+            };
+            let runner = StageRunner::new(self.pipeline.clone(), stage, cfg.clone());
             let s = shutdown.clone();
             set.spawn(async move {
                 runner.run(s).await.expect("runner");
