@@ -6,19 +6,18 @@
 //! `XINFO STREAM`'s `entries-added` in the API: a sample needs a process
 //! that has been watching for minutes, each API replica would see its own
 //! history, and `entries-added` counts arrivals (including retries coming
-//! back), not work done. The counters cost one pipelined round trip per
-//! finished event: a lifetime hash per stage and a hash per stage and minute
-//! that expires on its own, so nothing needs sweeping.
+//! back), not work done. The counters are kept by the very script that
+//! finishes an event (no round trip of their own, and a duplicate delivery
+//! is never counted): a lifetime hash per stage and a hash per stage and
+//! minute that expires on its own, so nothing needs sweeping.
 
 use std::time::Duration;
 
-use crate::context::Pipeline;
 use crate::event::StageName;
-use crate::now_ms;
 
 /// Minute buckets are kept this long (seconds): enough for the 5-minute
 /// figure and the minute it straddles.
-const MINUTE_BUCKET_TTL_S: u64 = 7 * 60;
+pub const MINUTE_BUCKET_TTL_S: u64 = 7 * 60;
 
 /// What became of one event at a stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,26 +92,12 @@ pub fn observe_handle(stage: StageName, took: Duration) {
     metrics::histogram!("image_queue_handle_seconds", "stage" => stage.as_str()).record(took.as_secs_f64());
 }
 
-/// Counts one finished event, in this process's metrics and in Redis.
-/// Losing a count (Redis away for a moment) is acceptable; delaying the
-/// pipeline for it is not, so a failure is only logged.
-pub async fn count(p: &Pipeline, stage: StageName, what: Counted) {
+/// Counts one finished event in this process's metrics. Its Redis
+/// counters are kept by the script that finished it (`count_event` in
+/// `scripts/lib.lua`), which receives [`Counted::field`] and the keys.
+pub fn record(stage: StageName, what: Counted) {
     metrics::counter!(what.metric(), "stage" => stage.as_str()).increment(1);
     if what.is_failure() {
         metrics::counter!("image_queue_events_failed_total", "stage" => stage.as_str()).increment(1);
-    }
-    let minute = now_ms() / 60_000;
-    let bucket = p.keys.counters_minute(stage, minute);
-    let mut pipe = redis::pipe();
-    pipe.hincr(p.keys.counters(stage), what.field(), 1).ignore();
-    pipe.hincr(&bucket, what.field(), 1).ignore();
-    if what.is_failure() {
-        pipe.hincr(p.keys.counters(stage), "failed", 1).ignore();
-        pipe.hincr(&bucket, "failed", 1).ignore();
-    }
-    pipe.expire(&bucket, MINUTE_BUCKET_TTL_S as i64).ignore();
-    let mut conn = p.conn.clone();
-    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-        tracing::debug!(stage = %stage, error = %e, "counting an event failed");
     }
 }

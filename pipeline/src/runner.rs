@@ -581,7 +581,7 @@ impl StageRunner {
             )
             .await;
         if r.is_ok() {
-            crate::metrics::count(&self.p, self.name, step.counted()).await;
+            crate::metrics::record(self.name, step.counted());
         }
         match r {
             Ok(closed) if closed => {
@@ -623,6 +623,12 @@ impl StageRunner {
         let now = now_ms();
         let finished = keys.finished_channel();
         let progress = keys.progress_channel();
+        // Counted by the same script, so a duplicate delivery is never
+        // counted and counting costs no round trip of its own.
+        let counters = keys.counters(self.name);
+        let minute = keys.counters_minute(self.name, now / 60_000);
+        let field = step.counted().field();
+        let ttl = crate::metrics::MINUTE_BUCKET_TTL_S;
         match step {
             Step::Handoff(next, ev) => {
                 let _: i64 = s
@@ -641,6 +647,10 @@ impl StageRunner {
                     .arg(&progress)
                     .arg(&ev.job)
                     .arg(flag(ev.slot))
+                    .key(&counters)
+                    .key(&minute)
+                    .arg(field)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -668,6 +678,10 @@ impl StageRunner {
                     .arg(ev.image)
                     .arg(now)
                     .arg(&finished)
+                    .key(&counters)
+                    .key(&minute)
+                    .arg(field)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -693,6 +707,10 @@ impl StageRunner {
                     .arg(&progress)
                     .arg(&ev.job)
                     .arg(flag(ev.slot))
+                    .key(&counters)
+                    .key(&minute)
+                    .arg(field)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -724,6 +742,10 @@ impl StageRunner {
                     .arg(&event.job)
                     .arg(self.name.as_str())
                     .arg(flag(event.slot))
+                    .key(&counters)
+                    .key(&minute)
+                    .arg(field)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(false)
@@ -749,6 +771,10 @@ impl StageRunner {
                     .arg(&event.vendor)
                     .arg(&progress)
                     .arg(flag(event.slot))
+                    .key(&counters)
+                    .key(&minute)
+                    .arg(field)
+                    .arg(ttl)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(r == 1)
@@ -782,10 +808,14 @@ impl StageRunner {
             .arg("")
             .arg(self.p.keys.progress_channel())
             .arg(flag(false))
+            .key(self.p.keys.counters(self.name))
+            .key(self.p.keys.counters_minute(self.name, now_ms() / 60_000))
+            .arg(crate::metrics::Counted::Dead.field())
+            .arg(crate::metrics::MINUTE_BUCKET_TTL_S)
             .invoke_async(&mut conn)
             .await;
         match r {
-            Ok(_) => crate::metrics::count(&self.p, self.name, crate::metrics::Counted::Dead).await,
+            Ok(_) => crate::metrics::record(self.name, crate::metrics::Counted::Dead),
             Err(e) => error!(error = %e, "dead-lettering failed; the entry stays pending"),
         }
     }

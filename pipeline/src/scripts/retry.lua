@@ -2,13 +2,16 @@
 -- (status 'retrying') or while its vendor's quota refills ('throttled').
 -- The entry is acknowledged and the event moved to the stage's retry set in
 -- one step, so it is never both pending and scheduled, nor neither.
--- KEYS: this stage's stream, this stage's retry set, job, admitted counter
+-- KEYS: this stage's stream, this stage's retry set, job, admitted counter,
+--       stage counters, stage counters of this minute
 -- ARGV: group, entry id, event payload, due ms, image index, status,
 --       reason, attempts, now ms, finished channel, progress channel,
---       job id, stage, '1' if the image holds an admission slot
+--       job id, stage, '1' if the image holds an admission slot, counter
+--       field, minute counters' TTL s
 -- Returns 1 if scheduled, 0 for a duplicate delivery, 2 if the job was
 -- cancelled or is gone.
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+count_event(KEYS[5], KEYS[6], ARGV[15], ARGV[16])
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return 2 end
 if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], KEYS[4], ARGV[14]) then return 2 end
