@@ -86,9 +86,11 @@ test("a vendor submits images on the vendor page and watches them complete", asy
 
 test("the dashboard shows the pipeline live, and dead letters can be deleted", async () => {
   const png = readFileSync(IMAGES[0]);
-  // A PNG signature on garbage passes the upload check but no decoder:
-  // it fails for good and is dead-lettered.
-  const broken = Buffer.concat([png.subarray(0, 8), Buffer.alloc(64, 7)]);
+  // A PNG whose header and end are intact but whose pixel data is garbage
+  // passes the upload's screening but no decoder: it fails for good and is
+  // dead-lettered.
+  const broken = Buffer.from(png);
+  broken.fill(7, broken.indexOf("IDAT") + 16, broken.length - 12);
   const brokenJob = await submitJob([{ name: "broken.png", bytes: broken }], "resize");
   // Enough work that the stages have lag while the page looks.
   const load = [];

@@ -403,7 +403,13 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
         ),
         blobs: p.blobs.clone(),
         auth: Auth::new(p.clone(), admin),
-        config: ApiConfig { ..config.api.clone() },
+        config: ApiConfig {
+            // Uploads and URLs are screened at the door by the rules the
+            // stages apply later, so both agree.
+            decode: config.decode.clone(),
+            url_policy: config.fetch.address_policy().map_err(anyhow::Error::msg)?,
+            ..config.api.clone()
+        },
         progress: ProgressHub::new(p.clone()),
         media_dir: Some(config.media_dir()),
     };

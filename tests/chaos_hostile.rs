@@ -172,6 +172,15 @@ async fn hostile_input_is_refused_or_failed_and_the_api_keeps_serving() {
         c.wait_api_ready(Duration::from_secs(5)).await;
     }
 
+    // Every one of them is refused at the door: the API screens uploads
+    // (header, dimensions, a format's end) and IP-literal URLs by the same
+    // rules the stages apply.
+    assert!(
+        accepted.is_empty(),
+        "accepted instead of refused at submit: {:?}",
+        accepted.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+
     // What was accepted fails in the pipeline, at once and with a reason.
     let ids: Vec<String> = accepted.iter().map(|(_, id)| id.clone()).collect();
     let views = wait_terminal(c, &ids, Duration::from_secs(60)).await;

@@ -25,6 +25,8 @@ use axum::middleware::from_fn_with_state;
 use axum::routing::{get, post};
 use axum::Router;
 use image_queue_pipeline::{BlobStore, JobStore};
+use image_queue_stages::decode::DecodeLimits;
+use image_queue_stages::fetch::AddressPolicy;
 use serde::{Deserialize, Serialize};
 
 pub use auth::{Auth, Vendor};
@@ -42,6 +44,14 @@ pub struct ApiConfig {
     /// Largest JSON body, in bytes.
     pub max_json_bytes: usize,
     pub rate_limits: RateLimitConfig,
+    /// The limits uploads are screened against at the door (the binary
+    /// sets them from its `decode` section).
+    #[serde(skip)]
+    pub decode: DecodeLimits,
+    /// Which image URLs are refused at the door (the binary sets it from
+    /// its `fetch` section; the default admits no private address).
+    #[serde(skip)]
+    pub url_policy: AddressPolicy,
 }
 
 impl ApiConfig {
@@ -59,6 +69,8 @@ impl Default for ApiConfig {
             max_images_per_job: 100,
             max_json_bytes: 1024 * 1024,
             rate_limits: RateLimitConfig::default(),
+            decode: DecodeLimits::default(),
+            url_policy: AddressPolicy::default(),
         }
     }
 }

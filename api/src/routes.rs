@@ -13,6 +13,7 @@ use image_queue_pipeline::blob::blob_key;
 use image_queue_pipeline::estimate::StartEstimate;
 use image_queue_pipeline::jobs::{is_terminal, Cancelled};
 use image_queue_pipeline::{stats, NewImage, NewJob, Operation, Source};
+use image_queue_stages::decode::{screen, sniff, ScreenError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -128,7 +129,7 @@ fn check_record_id(r: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_url(u: &str) -> Result<(), ApiError> {
+fn check_url(state: &AppState, u: &str) -> Result<(), ApiError> {
     let ok = (u.starts_with("http://") || u.starts_with("https://")) && u.len() <= 2048;
     if !ok {
         return Err(ApiError::Unprocessable(format!(
@@ -136,16 +137,19 @@ fn check_url(u: &str) -> Result<(), ApiError> {
             u
         )));
     }
-    Ok(())
+    // What is certain without resolving (an IP-literal host in a private
+    // network) is refused here; names are checked again when fetched.
+    state
+        .config
+        .url_policy
+        .check_url(u)
+        .map_err(|why| ApiError::Unprocessable(format!("image URL refused: {why}: {u:.80}")))
 }
 
-/// The formats we accept, told by content.
-fn is_image(b: &[u8]) -> bool {
-    matches!(
-        b,
-        [0xFF, 0xD8, 0xFF, ..] | [0x89, b'P', b'N', b'G', ..] | [b'G', b'I', b'F', b'8', ..]
-    ) || (b.len() >= 12 && &b[0..4] == b"RIFF" && &b[8..12] == b"WEBP")
-}
+/// How much of each upload's start is kept for screening: enough for any
+/// header we accept but the rare JPEG with huge metadata (left to the
+/// pipeline's decoder).
+const SCREEN_HEAD_BYTES: usize = 64 * 1024;
 
 /// `POST /api/image-queue/jobs`: JSON with URLs, or multipart with files.
 #[utoipa::path(post, path = "/api/image-queue/jobs", tag = "jobs",
@@ -191,7 +195,7 @@ pub async fn submit(
         let mut images = Vec::new();
         for img in job.images {
             check_record_id(&img.record_id)?;
-            check_url(&img.url)?;
+            check_url(&state, &img.url)?;
             images.push(NewImage {
                 source: Source::Url(img.url),
                 record_id: img.record_id,
@@ -315,8 +319,8 @@ fn hex_of(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
-fn not_an_image(index: usize) -> ApiError {
-    ApiError::UnsupportedMediaType(format!("file {} is not a JPEG, PNG, WebP or GIF image", index + 1))
+fn not_an_image(index: usize, why: &str) -> ApiError {
+    ApiError::UnsupportedMediaType(format!("file {}: {why}", index + 1))
 }
 
 async fn read_multipart(
@@ -354,7 +358,8 @@ async fn read_multipart(
                     let key = blob_key(job_id, index as u32, "original");
                     let stored = |e: std::io::Error| ApiError::Internal(format!("storing an upload: {e}"));
                     let mut writer = state.blobs.writer(&key).await.map_err(stored)?;
-                    let mut head = Vec::with_capacity(16);
+                    let mut head = Vec::with_capacity(4096);
+                    let mut tail: Vec<u8> = Vec::with_capacity(32);
                     let mut size = 0u64;
                     while let Some(chunk) = field.chunk().await.map_err(bad)? {
                         size += chunk.len() as u64;
@@ -363,17 +368,22 @@ async fn read_multipart(
                                 "images are limited to {max} bytes each"
                             )));
                         }
-                        if head.len() < 16 {
-                            head.extend_from_slice(&chunk[..chunk.len().min(16 - head.len())]);
-                            if head.len() == 16 && !is_image(&head) {
-                                return Err(not_an_image(index));
+                        if head.len() < SCREEN_HEAD_BYTES {
+                            let was = head.len();
+                            head.extend_from_slice(&chunk[..chunk.len().min(SCREEN_HEAD_BYTES - was)]);
+                            // Refuse a non-image at its first bytes, not at its end.
+                            if was < 16 && head.len() >= 16 && sniff(&head).is_none() {
+                                return Err(not_an_image(index, "not a JPEG, PNG, WebP or GIF image"));
                             }
                         }
+                        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(16)..]);
+                        tail.drain(..tail.len().saturating_sub(16));
                         writer.write(&chunk).await.map_err(stored)?;
                     }
-                    if !is_image(&head) {
-                        return Err(not_an_image(index));
-                    }
+                    screen(&head, &tail, size, &state.config.decode).map_err(|e| match e {
+                        ScreenError::Unsupported(why) => not_an_image(index, &why),
+                        ScreenError::Invalid(why) => ApiError::Unprocessable(format!("file {}: {why}", index + 1)),
+                    })?;
                     writer.commit().await.map_err(stored)?;
                     blobs.push(key);
                 }

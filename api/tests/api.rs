@@ -166,11 +166,30 @@ fn multipart_req(key: &str, parts: &[(&str, Option<&str>, &[u8])]) -> Request<Bo
         .unwrap()
 }
 
-/// A PNG signature followed by `len` filler bytes: enough for the API's
-/// content sniffing, which is all these tests need.
+/// A valid 1×1 PNG of `len` bytes or more: padded with a text chunk, so
+/// that the API's screening (header, dimensions, IEND at the end) passes.
 fn png(len: usize) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32fast::hash(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
     let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
-    v.resize(8 + len, 0);
+    chunk(&mut v, b"IHDR", &[0, 0, 0, 1, 0, 0, 0, 1, 8, 0, 0, 0, 0]);
+    // One grey pixel: filter byte 0, value 0, in a stored zlib block.
+    chunk(
+        &mut v,
+        b"IDAT",
+        &[0x78, 0x01, 0x01, 0x02, 0x00, 0xfd, 0xff, 0, 0, 0x00, 0x02, 0x00, 0x01],
+    );
+    let pad = len.saturating_sub(v.len() + 12 + 12);
+    let mut text = b"x\0".to_vec();
+    text.resize(pad.max(2), b'.');
+    chunk(&mut v, b"tEXt", &text);
+    chunk(&mut v, b"IEND", &[]);
     v
 }
 

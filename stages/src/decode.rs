@@ -84,6 +84,57 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
     Ok(img)
 }
 
+/// Why an upload was refused before any pixel was decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScreenError {
+    /// Not a format we accept, told by its first bytes.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A format we accept, but a header or an end that cannot be right.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Screens an uploaded image from its first bytes (`head`, as many as the
+/// caller kept, up to the whole file), its last bytes (`tail`) and its
+/// length, so that an API can refuse what can never decode at the door,
+/// without holding or decoding the file: an empty or unrecognised file, a
+/// header that does not parse, dimensions over the limits, a PNG, GIF or
+/// WebP cut short. What only decoding can tell (a corrupt scan, a JPEG cut
+/// inside its data) is left to [`decode`], in the pipeline.
+pub fn screen(head: &[u8], tail: &[u8], len: u64, limits: &DecodeLimits) -> Result<ImageFormat, ScreenError> {
+    if len == 0 {
+        return Err(ScreenError::Unsupported("the image is empty (0 bytes)".into()));
+    }
+    let format = sniff(head).ok_or_else(|| {
+        ScreenError::Unsupported("not an image we accept: JPEG, PNG, WebP or GIF, told by its content".into())
+    })?;
+    match ImageReader::with_format(Cursor::new(head), format).into_dimensions() {
+        Ok((w, h)) => check_dimensions(w, h, limits).map_err(|e| ScreenError::Invalid(e.message))?,
+        // A JPEG's frame header may come after more metadata than the head
+        // holds: only a whole file's header is judged.
+        Err(_) if format == ImageFormat::Jpeg && (head.len() as u64) < len => {}
+        Err(e) => return Err(ScreenError::Invalid(format!("unreadable {format:?} header: {e}"))),
+    }
+    const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+    let cut_short = match format {
+        ImageFormat::Png => !tail.ends_with(&IEND),
+        ImageFormat::Gif => tail.last() != Some(&0x3B),
+        ImageFormat::WebP => {
+            // RIFF's own length field counts what follows its first 8 bytes.
+            let riff = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as u64;
+            riff + 8 > len
+        }
+        _ => false,
+    };
+    if cut_short {
+        return Err(ScreenError::Invalid(format!(
+            "truncated {format:?} image: it ends before its format's end ({len} bytes)"
+        )));
+    }
+    Ok(format)
+}
+
 /// Whether a JPEG's segments and scans run up to an end-of-image marker.
 /// Walks the marker structure rather than looking for the bytes FF D9
 /// anywhere, since an embedded EXIF thumbnail has an end marker of its own.
@@ -137,6 +188,39 @@ pub fn check_dimensions(w: u32, h: u32, limits: &DecodeLimits) -> Result<(), Sta
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn png_of(w: u32, h: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        DynamicImage::new_rgba8(w, h)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn screening_refuses_what_can_never_decode() {
+        let limits = DecodeLimits::default();
+        let whole = |b: &[u8]| screen(b, &b[b.len().saturating_sub(16)..], b.len() as u64, &limits);
+        let png = png_of(8, 6);
+        assert_eq!(whole(&png), Ok(ImageFormat::Png));
+        assert!(matches!(whole(b""), Err(ScreenError::Unsupported(_))));
+        assert!(matches!(
+            whole(b"GIF89 is not enough"),
+            Err(ScreenError::Unsupported(_))
+        ));
+        let half = &png[..png.len() / 2];
+        assert!(matches!(whole(half), Err(ScreenError::Invalid(m)) if m.contains("truncated")));
+        let mut polyglot = png[..8].to_vec();
+        polyglot.extend_from_slice(b"<html></html>PK\x03\x04");
+        assert!(matches!(whole(&polyglot), Err(ScreenError::Invalid(m)) if m.contains("header")));
+        // A header declaring 100,000 x 100,000: refused from the header alone.
+        let mut huge = png.clone();
+        huge[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        huge[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&huge[12..29]);
+        huge[29..33].copy_from_slice(&crc.to_be_bytes());
+        assert!(matches!(whole(&huge), Err(ScreenError::Invalid(m)) if m.contains("too large")));
+    }
 
     fn png(w: u32, h: u32) -> Vec<u8> {
         let mut out = Vec::new();

@@ -44,7 +44,8 @@ impl Default for FetchConfig {
 }
 
 impl FetchConfig {
-    pub fn build(&self) -> Result<Fetcher, String> {
+    /// The address rules alone: what an API checks before queueing a URL.
+    pub fn address_policy(&self) -> Result<AddressPolicy, String> {
         let allow = self
             .allow_networks
             .iter()
@@ -54,7 +55,11 @@ impl FetchConfig {
                     .map_err(|e| format!("fetch.allow_networks: {n:?}: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let policy = Arc::new(AddressPolicy { allow });
+        Ok(AddressPolicy { allow })
+    }
+
+    pub fn build(&self) -> Result<Fetcher, String> {
+        let policy = Arc::new(self.address_policy()?);
         let redirect_policy = policy.clone();
         let max_redirects = self.max_redirects;
         let client = reqwest::Client::builder()
@@ -82,12 +87,21 @@ impl FetchConfig {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone, Default)]
 pub struct AddressPolicy {
     allow: Vec<IpNet>,
 }
 
 impl AddressPolicy {
+    /// Refuses what can be told of a URL without resolving it: a scheme
+    /// other than http(s), credentials, an IP-literal host we never reach.
+    /// A host name is checked when it is fetched, against what it resolves
+    /// to then.
+    pub fn check_url(&self, url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+        check_url(&parsed, self)
+    }
+
     /// Why an address may not be reached, or `None` if it may.
     pub fn refuse(&self, ip: IpAddr) -> Option<&'static str> {
         if self.allow.iter().any(|n| n.contains(&ip)) {
