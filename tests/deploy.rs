@@ -195,6 +195,16 @@ fn check_container(docs: &[Yaml], deployment: &Yaml) -> Vec<String> {
 }
 
 #[test]
+fn webhooks_are_delivered_in_both_deployments() {
+    let doc = compose();
+    let svc = service(&doc, "webhooks");
+    assert_eq!(strings(&svc["command"]), ["webhooks"]);
+    let docs = kubernetes();
+    let deployment = find(&docs, "Deployment", "image-queue-webhooks");
+    assert_eq!(check_container(&docs, deployment), ["webhooks"]);
+}
+
+#[test]
 fn kubernetes_has_a_deployment_and_a_lag_scaled_object_per_stage() {
     let docs = kubernetes();
     let keys = image_queue_pipeline::Keys::new("iq");
