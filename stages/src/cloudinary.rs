@@ -167,12 +167,7 @@ impl Client {
             .await
             .map_err(|e| StageError::retryable(format!("cloudinary: {}", e.without_url())))?;
         let status = resp.status();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = crate::fetch::retry_after(resp.headers());
         if status.is_success() {
             return resp
                 .json::<Uploaded>()

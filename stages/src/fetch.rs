@@ -306,12 +306,7 @@ impl Fetcher {
         if status.is_success() {
             return Ok(status.as_u16());
         }
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
+        let retry_after = retry_after(resp.headers());
         let text = format!("HTTP {status}");
         let code = status.as_u16();
         let err = if code == 408 || code == 429 || status.is_server_error() {
@@ -324,6 +319,15 @@ impl Fetcher {
             None => err,
         })
     }
+}
+
+/// A server's `Retry-After`, when given in seconds.
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
 }
 
 /// Retryable unless the fault is our refusal to connect or a bad redirect.

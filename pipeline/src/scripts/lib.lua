@@ -32,7 +32,7 @@ end
 -- Closes the job if every image has reached an end (done, failed or
 -- skipped), announcing it on the finished channel. Returns 1 if it closed.
 local function close_job_if_done(job, now, channel)
-  local v = redis.call('HMGET', job, 'images', 'done', 'failed', 'skipped', 'status', 'id')
+  local v = redis.call('HMGET', job, 'images', 'done', 'failed', 'skipped', 'status', 'id', 'vendor')
   local n = tonumber(v[1] or '0')
   local done, failed, skipped = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0')
   if n == 0 or done + failed + skipped < n then return 0 end
@@ -47,7 +47,7 @@ local function close_job_if_done(job, now, channel)
   -- The vendor's webhook, if it has one, is told in this same step (the
   -- keys share the job key's hash tag; see keys.rs).
   local base = string.match(job, '^(.*):job:[^:]*$')
-  local vendor = redis.call('HGET', job, 'vendor')
+  local vendor = v[7]
   if base and vendor and redis.call('HEXISTS', base .. ':webhooks', vendor) == 1 then
     redis.call('XADD', base .. ':webhook-outbox', '*', 'job', v[6], 'vendor', vendor,
       'status', status, 'finished_ms', tostring(now), 'attempt', '1')
