@@ -57,9 +57,14 @@ impl PrivateMariaDb {
     pub fn start(max_allowed_packet: &str) -> PrivateMariaDb {
         let dir = tempfile::tempdir().expect("creating a temporary directory");
         let datadir = dir.path().join("data");
+        // A temporary directory of its own: servers set up side by side in
+        // a shared /tmp can collide on their temporary tables' names.
+        let tmpdir = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmpdir).expect("creating the server's temporary directory");
         let out = Command::new(find_program("mariadb-install-db"))
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--tmpdir={}", tmpdir.display()))
             .arg("--auth-root-authentication-method=normal")
             .arg("--skip-test-db")
             .args(user_args())
@@ -98,6 +103,7 @@ impl PrivateMariaDb {
             .arg(format!("--datadir={}", d.join("data").display()))
             .arg(format!("--socket={}", d.join("mysqld.sock").display()))
             .arg(format!("--pid-file={}", d.join("mysqld.pid").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg("--bind-address=127.0.0.1")
             .arg("--skip-networking=0")
