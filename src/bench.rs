@@ -112,16 +112,19 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
             let Some(msg) = stream.next().await else { break };
             let now = Instant::now();
             let payload: String = msg.get_payload().unwrap_or_default();
-            let job = payload.split(' ').next().unwrap_or("").to_string();
-            // A completion may beat its submit's bookkeeping: wait for it.
-            loop {
-                let t = subs.lock().unwrap().get(&job).copied();
-                match t {
-                    Some(t) => {
-                        latencies.push(now.duration_since(t).as_secs_f64() * 1000.0);
-                        break;
+            // A line "<job id> <status>" per closed job.
+            for line in payload.lines() {
+                let job = line.split(' ').next().unwrap_or("");
+                // A completion may beat its submit's bookkeeping: wait for it.
+                loop {
+                    let t = subs.lock().unwrap().get(job).copied();
+                    match t {
+                        Some(t) => {
+                            latencies.push(now.duration_since(t).as_secs_f64() * 1000.0);
+                            break;
+                        }
+                        None => tokio::task::yield_now().await,
                     }
-                    None => tokio::task::yield_now().await,
                 }
             }
             last = now;

@@ -86,18 +86,28 @@ impl ProgressHub {
         Ok(pubsub)
     }
 
-    fn parse(&self, channel: &str, payload: &str) -> Option<Progress> {
+    /// The transitions one message announces: a job's end on the finished
+    /// channel; on the progress channel one transition, or a JSON array of
+    /// them from a step that moved a batch.
+    fn parse(&self, channel: &str, payload: &str) -> Vec<Progress> {
         if channel == self.p.keys.finished_channel() {
-            // "<job id> <status>", from the scripts' close_job_if_done.
-            let (job, status) = payload.split_once(' ')?;
-            return Some(Progress {
-                job: job.into(),
-                image: None,
-                stage: "job".into(),
-                status: status.into(),
-            });
+            // A line "<job id> <status>" per closed job (see keys.rs).
+            return payload
+                .lines()
+                .filter_map(|line| line.split_once(' '))
+                .map(|(job, status)| Progress {
+                    job: job.into(),
+                    image: None,
+                    stage: "job".into(),
+                    status: status.into(),
+                })
+                .collect();
         }
-        serde_json::from_str(payload).ok()
+        if payload.starts_with('[') {
+            serde_json::from_str(payload).unwrap_or_default()
+        } else {
+            serde_json::from_str(payload).into_iter().collect()
+        }
     }
 }
 
@@ -111,7 +121,7 @@ async fn fan_out(hub: ProgressHub, mut pubsub: redis::aio::PubSub, tx: broadcast
                 let (Ok(payload), channel) = (msg.get_payload::<String>(), msg.get_channel_name()) else {
                     continue;
                 };
-                if let Some(p) = hub.parse(channel, &payload) {
+                for p in hub.parse(channel, &payload) {
                     // No receiver means no open stream: nothing to do.
                     let _ = tx.send(Arc::new(p));
                 }

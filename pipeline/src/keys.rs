@@ -113,12 +113,15 @@ impl Keys {
         format!("{}:workers", self.base)
     }
 
-    /// Pub/sub channel announcing each job that reached a terminal state.
+    /// Pub/sub channel announcing each job that reached a terminal state:
+    /// one line `<job id> <status>` per job, several lines in a message
+    /// from a step that closed several jobs.
     pub fn finished_channel(&self) -> String {
         format!("{}:finished", self.base)
     }
 
-    /// Pub/sub channel carrying every image's stage transitions.
+    /// Pub/sub channel carrying every image's stage transitions: a JSON
+    /// object per transition, or a JSON array of them from a batch.
     pub fn progress_channel(&self) -> String {
         format!("{}:progress", self.base)
     }

@@ -4,8 +4,13 @@
 //! its own, only as many entries as it has free slots (so entries never sit
 //! in this consumer's pending list while other consumers idle). Each entry
 //! is handled in a task that renews its claim while it runs; its result is
-//! turned into one atomic script call: hand off to the next stage, complete
-//! the image, schedule a retry, or dead-letter it. Alongside, a maintenance
+//! turned into one atomic step in Redis: hand off to the next stage, complete
+//! the image, schedule a retry, or dead-letter it. Hand-offs and completions,
+//! the steps of every event that goes well, are gathered by one finisher
+//! per runner and run as one script call per batch: whatever finished while
+//! the previous call was on its way goes in the next, so a busy stage pays
+//! one round trip (and one script) for many events and an idle one waits
+//! for no timer. Alongside, a maintenance
 //! loop promotes due retries, reclaims entries orphaned by dead consumers
 //! (`XAUTOCLAIM`), trims acknowledged entries, reaps idle consumers and
 //! publishes this worker's heartbeat.
@@ -22,7 +27,7 @@ use futures::FutureExt;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
@@ -133,6 +138,20 @@ pub struct StageRunner {
     handled: AtomicUsize,
     /// Woken when this process parks an image, so the dispatcher runs at once.
     parked: tokio::sync::Notify,
+    /// Steps on their way to the finisher, which runs them in batches.
+    finishing: mpsc::UnboundedSender<Finishing>,
+    finishing_rx: Mutex<Option<mpsc::UnboundedReceiver<Finishing>>>,
+}
+
+/// Events finished in one script call, at most.
+const MAX_FINISH_BATCH: usize = 256;
+
+/// A hand-off, park or completion waiting for the finisher, and where the
+/// script's verdict on it goes (see `finish.lua` for the codes).
+struct Finishing {
+    id: String,
+    step: Step,
+    done: oneshot::Sender<Result<i64, String>>,
 }
 
 /// A unique consumer name: host, pid and a random suffix, so two processes
@@ -165,6 +184,7 @@ pub async fn ensure_group(p: &Pipeline, stage: StageName) -> redis::RedisResult<
 impl StageRunner {
     pub fn new(p: Pipeline, stage: Arc<dyn Stage>, cfg: RunnerConfig) -> Arc<Self> {
         let name = stage.name();
+        let (finishing, finishing_rx) = mpsc::unbounded_channel();
         Arc::new(StageRunner {
             stream: p.keys.stream(name),
             p,
@@ -176,6 +196,8 @@ impl StageRunner {
             in_flight: Mutex::new(HashSet::new()),
             handled: AtomicUsize::new(0),
             parked: tokio::sync::Notify::new(),
+            finishing,
+            finishing_rx: Mutex::new(Some(finishing_rx)),
         })
     }
 
@@ -206,6 +228,9 @@ impl StageRunner {
         // through the shutdown grace period.
         let renew_stop = CancellationToken::new();
         let renewer = tokio::spawn(self.clone().renew_claims(renew_stop.clone()));
+        // So does the finisher: in-flight work finishes through it.
+        let finishing = self.finishing_rx.lock().unwrap().take().expect("a runner runs once");
+        let finisher = tokio::spawn(self.clone().finisher(finishing, renew_stop.clone()));
         let dispatcher = self
             .fair()
             .then(|| tokio::spawn(self.clone().dispatch_loop(shutdown.clone())));
@@ -272,6 +297,7 @@ impl StageRunner {
         maintenance.await.ok();
         renew_stop.cancel();
         renewer.await.ok();
+        finisher.await.ok();
         if let Some(d) = dispatcher {
             d.await.ok();
         }
@@ -571,26 +597,40 @@ impl StageRunner {
         // Redis may be briefly unreachable (a restart, a failover): keep
         // trying rather than redo finished work. If it stays away, the entry
         // stays pending and is reclaimed later; nothing is acknowledged early.
-        let attempt = || async { self.apply(id, &step).await };
-        let r = attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(40),
-            )
-            .await;
-        if r.is_ok() {
-            crate::metrics::record(self.name, step.counted());
-        }
-        match r {
-            Ok(closed) if closed => {
-                if let Some(job) = step.job() {
-                    self.remove_blobs_unless_failed(job).await;
+        let counted = step.counted();
+        let parks = matches!(step, Step::Park(..));
+        let job = step.job().map(str::to_string);
+        let r = match step {
+            Step::Handoff(..) | Step::Park(..) | Step::Complete(_) => {
+                let (done, verdict) = oneshot::channel();
+                let sent = self.finishing.send(Finishing {
+                    id: id.to_string(),
+                    step,
+                    done,
+                });
+                match sent {
+                    Ok(()) => verdict.await.unwrap_or_else(|_| Err("the finisher stopped".into())),
+                    Err(_) => Err("the finisher stopped".into()),
                 }
             }
-            Ok(_) => {
-                if matches!(step, Step::Park(..)) {
+            step => {
+                let attempt = || async { self.apply(id, &step).await };
+                attempt.retry(redis_outage()).await.map_err(|e| e.to_string())
+            }
+        };
+        match r {
+            Ok(code) => {
+                crate::metrics::record(self.name, counted);
+                if code == FINISH_CLOSED_CLEAN {
+                    // A job with no failed image needs its blobs no more; a
+                    // failed image's stay for replaying its dead letter,
+                    // until the sweep (`blob_ttl_ms`) takes them.
+                    if let Some(job) = job {
+                        if let Err(e) = self.p.blobs.delete_job(&job).await {
+                            warn!(job, error = %e, "removing a finished job's blobs failed");
+                        }
+                    }
+                } else if parks && code == FINISH_MOVED {
                     self.parked.notify_one();
                 }
             }
@@ -600,23 +640,124 @@ impl StageRunner {
         }
     }
 
-    /// Removes a closed job's blobs, unless some image of it failed: a dead
-    /// letter can only be replayed while the blobs its event names exist,
-    /// so those stay until the sweep (`blob_ttl_ms`) takes them.
-    async fn remove_blobs_unless_failed(&self, job: &str) {
-        let mut conn = self.p.conn.clone();
-        let failed: redis::RedisResult<Option<u64>> = conn.hget(self.p.keys.job(job), "failed").await;
-        if failed.as_ref().is_ok_and(|f| f.unwrap_or(0) > 0) {
-            debug!(job, "keeping a failed job's blobs for replay");
-            return;
-        }
-        if let Err(e) = self.p.blobs.delete_job(job).await {
-            warn!(job, error = %e, "removing a finished job's blobs failed");
+    /// Runs hand-offs, parks and completions in batches, until `stop`
+    /// (which comes once no work is left in flight).
+    async fn finisher(self: Arc<Self>, mut queue: mpsc::UnboundedReceiver<Finishing>, stop: CancellationToken) {
+        let mut batch = Vec::with_capacity(MAX_FINISH_BATCH);
+        loop {
+            let first = tokio::select! {
+                biased;
+                f = queue.recv() => match f {
+                    Some(f) => f,
+                    None => break,
+                },
+                _ = stop.cancelled() => break,
+            };
+            batch.push(first);
+            while batch.len() < MAX_FINISH_BATCH {
+                match queue.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+            let attempt = || async { self.finish_batch(&batch).await };
+            match attempt.retry(redis_outage()).await {
+                Ok(codes) if codes.len() == batch.len() => {
+                    for (f, code) in batch.drain(..).zip(codes) {
+                        let _ = f.done.send(Ok(code));
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(codes) => format!("finish.lua answered {} codes for {} events", codes.len(), batch.len()),
+                    };
+                    for f in batch.drain(..) {
+                        let _ = f.done.send(Err(why.clone()));
+                    }
+                }
+            }
         }
     }
 
-    /// Runs the script for a step; true if it closed the job.
-    async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<bool> {
+    /// Runs `finish.lua` for a batch; its codes, one per event.
+    async fn finish_batch(&self, batch: &[Finishing]) -> redis::RedisResult<Vec<i64>> {
+        let keys = &self.p.keys;
+        let now = now_ms();
+        let mut call = self.p.scripts.finish.prepare_invoke();
+        // Counted by the same script, so a duplicate delivery is never
+        // counted and counting costs no round trip of its own.
+        call.key(&self.stream)
+            .key(keys.admitted())
+            .key(keys.counters(self.name))
+            .key(keys.counters_minute(self.name, now / 60_000))
+            .key(keys.vendor_ring())
+            .arg(self.group())
+            .arg(now)
+            .arg(keys.finished_channel())
+            .arg(keys.progress_channel())
+            .arg(crate::metrics::MINUTE_BUCKET_TTL_S);
+        for f in batch {
+            match &f.step {
+                Step::Handoff(next, ev) => {
+                    call.key(keys.job(&ev.job))
+                        .key(keys.stream(*next))
+                        .arg("h")
+                        .arg(&f.id)
+                        .arg(ev.image)
+                        .arg(flag(ev.slot))
+                        .arg(ev.to_json())
+                        .arg(next.as_str())
+                        .arg(progress_note(&ev.job, ev.image, next.as_str(), "processing"));
+                }
+                Step::Park(next, ev) => {
+                    let job_key = keys.job(&ev.job);
+                    let item = format!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        next.as_str(),
+                        job_key,
+                        ev.job,
+                        ev.image,
+                        ev.to_json()
+                    );
+                    // A parked image takes its admission slot only when
+                    // the dispatcher admits it.
+                    call.key(job_key)
+                        .key(keys.vendor_queue(&ev.vendor))
+                        .arg("p")
+                        .arg(&f.id)
+                        .arg(ev.image)
+                        .arg(flag(false))
+                        .arg(item)
+                        .arg(&ev.vendor)
+                        .arg("");
+                }
+                Step::Complete(ev) => {
+                    let outputs: std::collections::BTreeMap<&str, &str> = ev
+                        .outputs
+                        .iter()
+                        .filter_map(|(k, o)| o.url.as_deref().map(|u| (k.as_str(), u)))
+                        .collect();
+                    let job_key = keys.job(&ev.job);
+                    call.key(&job_key)
+                        .key(&job_key)
+                        .arg("c")
+                        .arg(&f.id)
+                        .arg(ev.image)
+                        .arg(flag(ev.slot))
+                        .arg(serde_json::to_string(&outputs).unwrap_or_default())
+                        .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
+                        .arg(progress_note(&ev.job, ev.image, "done", "completed"));
+                }
+                Step::Retry { .. } | Step::Dead { .. } => unreachable!("retries and dead letters run on their own"),
+            }
+        }
+        let mut conn = self.p.conn.clone();
+        call.invoke_async(&mut conn).await
+    }
+
+    /// Runs the script for a retry or a dead letter; its code.
+    async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<i64> {
         let keys = &self.p.keys;
         let s = &self.p.scripts;
         let mut conn = self.p.conn.clone();
@@ -630,91 +771,6 @@ impl StageRunner {
         let field = step.counted().field();
         let ttl = crate::metrics::MINUTE_BUCKET_TTL_S;
         match step {
-            Step::Handoff(next, ev) => {
-                let _: i64 = s
-                    .handoff
-                    .key(&self.stream)
-                    .key(keys.stream(*next))
-                    .key(keys.job(&ev.job))
-                    .key(keys.admitted())
-                    .arg(self.group())
-                    .arg(id)
-                    .arg(ev.to_json())
-                    .arg(ev.image)
-                    .arg(next.as_str())
-                    .arg(now)
-                    .arg(&finished)
-                    .arg(&progress)
-                    .arg(&ev.job)
-                    .arg(flag(ev.slot))
-                    .key(&counters)
-                    .key(&minute)
-                    .arg(field)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok(false)
-            }
-            Step::Park(next, ev) => {
-                let job_key = keys.job(&ev.job);
-                let item = format!(
-                    "{}\t{}\t{}\t{}\t{}",
-                    next.as_str(),
-                    job_key,
-                    ev.job,
-                    ev.image,
-                    ev.to_json()
-                );
-                let _: i64 = s
-                    .park
-                    .key(&self.stream)
-                    .key(keys.vendor_queue(&ev.vendor))
-                    .key(keys.vendor_ring())
-                    .key(job_key)
-                    .arg(self.group())
-                    .arg(id)
-                    .arg(item)
-                    .arg(&ev.vendor)
-                    .arg(ev.image)
-                    .arg(now)
-                    .arg(&finished)
-                    .key(&counters)
-                    .key(&minute)
-                    .arg(field)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok(false)
-            }
-            Step::Complete(ev) => {
-                let outputs: std::collections::BTreeMap<&str, &str> = ev
-                    .outputs
-                    .iter()
-                    .filter_map(|(k, o)| o.url.as_deref().map(|u| (k.as_str(), u)))
-                    .collect();
-                let r: i64 = s
-                    .complete
-                    .key(&self.stream)
-                    .key(keys.job(&ev.job))
-                    .key(keys.admitted())
-                    .arg(self.group())
-                    .arg(id)
-                    .arg(ev.image)
-                    .arg(serde_json::to_string(&outputs).unwrap_or_default())
-                    .arg(now)
-                    .arg(&finished)
-                    .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
-                    .arg(&progress)
-                    .arg(&ev.job)
-                    .arg(flag(ev.slot))
-                    .key(&counters)
-                    .key(&minute)
-                    .arg(field)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok(r == 1)
-            }
             Step::Retry {
                 due_ms,
                 status,
@@ -722,8 +778,7 @@ impl StageRunner {
                 attempts,
                 event,
             } => {
-                let _: i64 = s
-                    .retry
+                s.retry
                     .key(&self.stream)
                     .key(keys.retries(self.name))
                     .key(keys.job(&event.job))
@@ -747,12 +802,10 @@ impl StageRunner {
                     .arg(field)
                     .arg(ttl)
                     .invoke_async(&mut conn)
-                    .await?;
-                Ok(false)
+                    .await
             }
             Step::Dead { error, attempts, event } => {
-                let r: i64 = s
-                    .dead
+                s.dead
                     .key(&self.stream)
                     .key(keys.dead_letters())
                     .key(keys.job(&event.job))
@@ -776,8 +829,10 @@ impl StageRunner {
                     .arg(field)
                     .arg(ttl)
                     .invoke_async(&mut conn)
-                    .await?;
-                Ok(r == 1)
+                    .await
+            }
+            Step::Handoff(..) | Step::Park(..) | Step::Complete(_) => {
+                unreachable!("hand-offs, parks and completions run in batches")
             }
         }
     }
@@ -1125,6 +1180,26 @@ impl Step {
             _ => None,
         }
     }
+}
+
+/// `finish.lua`'s verdict on an event that moved on (or completed without
+/// closing its job), and on one that closed its job with no image failed.
+const FINISH_MOVED: i64 = 1;
+const FINISH_CLOSED_CLEAN: i64 = 3;
+
+/// How long a step keeps trying while Redis is unreachable (a restart, a
+/// failover) before the entry is left pending for a reclaim.
+fn redis_outage() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(40)
+}
+
+/// One transition on the progress channel, as `finish.lua` and
+/// `dispatch.lua` announce them (in JSON arrays, one per batch).
+fn progress_note(job: &str, image: u32, stage: &str, status: &str) -> String {
+    serde_json::json!({"job": job, "image": image, "stage": stage, "status": status}).to_string()
 }
 
 fn flag(b: bool) -> &'static str {

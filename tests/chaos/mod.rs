@@ -468,8 +468,11 @@ impl Announcements {
                         msg = stream.next() => match msg {
                             Some(m) => {
                                 let payload: String = m.get_payload().unwrap_or_default();
-                                let job = payload.split(' ').next().unwrap_or("").to_string();
-                                *c.lock().unwrap().entry(job).or_default() += 1;
+                                // A line "<job id> <status>" per closed job.
+                                for line in payload.lines() {
+                                    let job = line.split(' ').next().unwrap_or("").to_string();
+                                    *c.lock().unwrap().entry(job).or_default() += 1;
+                                }
                             }
                             None => break,
                         }

@@ -214,8 +214,10 @@ impl FinishedListener {
             while !open.is_empty() {
                 let msg = stream.next().await.expect("subscription ended");
                 let payload: String = msg.get_payload().unwrap();
-                let job = payload.split(' ').next().unwrap_or("");
-                open.remove(job);
+                // A line "<job id> <status>" per closed job.
+                for line in payload.lines() {
+                    open.remove(line.split(' ').next().unwrap_or(""));
+                }
             }
         })
         .await;

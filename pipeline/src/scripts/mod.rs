@@ -14,15 +14,13 @@ fn with_lib(body: &str) -> Script {
 
 pub struct Scripts {
     pub submit: Script,
-    pub handoff: Script,
-    pub complete: Script,
+    pub finish: Script,
     pub retry: Script,
     pub dead: Script,
     pub promote: Script,
     pub trim: Script,
     pub cancel: Script,
     pub reap_consumers: Script,
-    pub park: Script,
     pub dispatch: Script,
     pub rate_limit: Script,
     pub replay: Script,
@@ -35,15 +33,13 @@ impl Scripts {
     pub fn new() -> Self {
         Scripts {
             submit: with_lib(include_str!("submit.lua")),
-            handoff: with_lib(include_str!("handoff.lua")),
-            complete: with_lib(include_str!("complete.lua")),
+            finish: with_lib(include_str!("finish.lua")),
             retry: with_lib(include_str!("retry.lua")),
             dead: with_lib(include_str!("dead.lua")),
             promote: with_lib(include_str!("promote.lua")),
             trim: with_lib(include_str!("trim.lua")),
             cancel: with_lib(include_str!("cancel.lua")),
             reap_consumers: with_lib(include_str!("reap_consumers.lua")),
-            park: with_lib(include_str!("park.lua")),
             dispatch: with_lib(include_str!("dispatch.lua")),
             rate_limit: with_lib(include_str!("rate_limit.lua")),
             replay: with_lib(include_str!("replay.lua")),
