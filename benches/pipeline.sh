@@ -5,13 +5,13 @@
 # (A, B, A, B, ...) and medians reported, because the machine is shared.
 #
 # usage: benches/pipeline.sh [jobs] [rounds]     (default 20000 jobs, 3 rounds)
+# IQ_BINARY picks the binary (default: a release build, built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-20000}
 ROUNDS=${2:-3}
-BIN=target/release/image-queue
-
-cargo build --release --bin image-queue >&2
+BIN=${IQ_BINARY:-target/release/image-queue}
+if [ -z "${IQ_BINARY:-}" ]; then cargo build --release --bin image-queue >&2; fi
 (cd benches/bullmq && { [ -d node_modules ] || npm ci --silent --no-audit --no-fund; }) >&2
 
 DIR=$(mktemp -d)

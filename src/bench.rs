@@ -5,6 +5,10 @@
 //! nothing, so what is measured is the queue: reads, hand-offs, job state
 //! and completion. Keys live under a prefix of their own, removed at the
 //! end. The result is one JSON line.
+//!
+//! `image-queue bench fairness` measures what fair scheduling is for: one
+//! vendor's single image submitted behind another vendor's backlog, with
+//! fair scheduling and on a plain FIFO (admission window 0), side by side.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,7 +46,8 @@ struct BenchResult {
     window: u64,
 }
 
-struct Noop(StageName);
+/// A stage that does nothing, or sleeps for `work` per image.
+struct Noop(StageName, Duration);
 
 #[async_trait]
 impl Stage for Noop {
@@ -51,6 +56,9 @@ impl Stage for Noop {
     }
 
     async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        if !self.1.is_zero() {
+            tokio::time::sleep(self.1).await;
+        }
         Ok(Outcome::Done(event))
     }
 }
@@ -94,7 +102,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut runners = tokio::task::JoinSet::new();
     for name in StageName::ALL {
-        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name)), cfg.clone());
+        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name, Duration::ZERO)), cfg.clone());
         let s = shutdown.clone();
         runners.spawn(async move { runner.run(s).await });
     }
@@ -213,4 +221,163 @@ async fn cleanup(p: &Pipeline, prefix: &str) -> anyhow::Result<()> {
         }
         cursor = next;
     }
+}
+
+pub struct FairnessArgs {
+    pub redis_url: String,
+    /// Vendor A's backlog, in images (jobs of 100).
+    pub backlog: usize,
+    /// What the resize stage spends on each image.
+    pub work: Duration,
+    /// Resize's concurrency.
+    pub concurrency: usize,
+    /// Fair scheduling's admission window.
+    pub window: u64,
+}
+
+#[derive(Serialize)]
+struct FairnessRun {
+    window: u64,
+    /// B's one image with nothing else queued.
+    alone_ms: f64,
+    /// B's one image submitted right after A's backlog.
+    behind_ms: f64,
+    ratio: f64,
+    /// A's images done when B's finished.
+    backlog_done: u64,
+}
+
+#[derive(Serialize)]
+struct FairnessResult {
+    backlog: usize,
+    work_ms: f64,
+    concurrency: usize,
+    fair: FairnessRun,
+    fifo: FairnessRun,
+    /// How much longer B waits behind the backlog on a FIFO than with
+    /// fair scheduling.
+    fifo_over_fair: f64,
+}
+
+/// Vendor A submits `backlog` images, then vendor B submits one; B's
+/// latency against B alone, with fair scheduling and then on a plain FIFO.
+pub async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
+    let fair = fairness_run(&args, args.window).await?;
+    let fifo = fairness_run(&args, 0).await?;
+    let result = FairnessResult {
+        backlog: args.backlog,
+        work_ms: args.work.as_secs_f64() * 1000.0,
+        concurrency: args.concurrency,
+        fifo_over_fair: fifo.behind_ms / fair.behind_ms,
+        fair,
+        fifo,
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<FairnessRun> {
+    let prefix = format!("bench-{:08x}", rand::random::<u32>());
+    let dir = tempfile::tempdir()?;
+    let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
+    let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
+        .await
+        .context("connecting to Redis")?;
+    let jobs = JobStore::new(p.clone(), 3600);
+    let shutdown = CancellationToken::new();
+    let mut runners = tokio::task::JoinSet::new();
+    for name in [
+        StageName::RateCheck,
+        StageName::Resize,
+        StageName::Upload,
+        StageName::DbCommit,
+    ] {
+        let (work, concurrency) = if name == StageName::Resize {
+            (args.work, args.concurrency)
+        } else {
+            (Duration::ZERO, 64)
+        };
+        let cfg = RunnerConfig {
+            concurrency,
+            read_block_ms: 100,
+            admission_window: window,
+            ..RunnerConfig::default()
+        };
+        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name, work)), cfg);
+        let s = shutdown.clone();
+        runners.spawn(async move { runner.run(s).await });
+    }
+    let mut pubsub = p.client.get_async_pubsub().await?;
+    pubsub.subscribe(p.keys.finished_channel()).await?;
+    let mut finished = pubsub.into_on_message();
+    let submit = |vendor: &'static str, images: usize| {
+        let jobs = jobs.clone();
+        async move {
+            let id = NewJob::new_id();
+            jobs.submit(NewJob {
+                id: id.clone(),
+                vendor: vendor.into(),
+                operations: vec![Operation::Resize],
+                images: (0..images)
+                    .map(|i| NewImage {
+                        source: Source::Url(format!("https://bench.invalid/{i}.jpg")),
+                        record_id: format!("r{i}"),
+                    })
+                    .collect(),
+                idempotency_key: None,
+                traceparent: None,
+            })
+            .await?;
+            Ok::<_, anyhow::Error>(id)
+        }
+    };
+    // Waits for the job's finished announcement.
+    async fn until_finished(
+        finished: &mut (impl futures::Stream<Item = redis::Msg> + Unpin),
+        job: &str,
+    ) -> anyhow::Result<()> {
+        let wait = async {
+            while let Some(msg) = finished.next().await {
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if payload.lines().any(|l| l.split(' ').next() == Some(job)) {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("the finished subscription ended")
+        };
+        tokio::time::timeout(Duration::from_secs(600), wait)
+            .await
+            .context("B's image did not finish within 10 minutes")?
+    }
+
+    let started = Instant::now();
+    let b = submit("vendor-b", 1).await?;
+    until_finished(&mut finished, &b).await?;
+    let alone = started.elapsed();
+
+    let mut backlog = Vec::new();
+    let mut left = args.backlog;
+    while left > 0 {
+        let n = left.min(100);
+        backlog.push(submit("vendor-a", n).await?);
+        left -= n;
+    }
+    let started = Instant::now();
+    let b = submit("vendor-b", 1).await?;
+    until_finished(&mut finished, &b).await?;
+    let behind = started.elapsed();
+    let mut backlog_done = 0;
+    for id in &backlog {
+        backlog_done += jobs.get(None, id).await?.map(|j| j.completed).unwrap_or(0) as u64;
+    }
+    shutdown.cancel();
+    while runners.join_next().await.is_some() {}
+    cleanup(&p, &prefix).await?;
+    Ok(FairnessRun {
+        window,
+        alone_ms: alone.as_secs_f64() * 1000.0,
+        behind_ms: behind.as_secs_f64() * 1000.0,
+        ratio: behind.as_secs_f64() / alone.as_secs_f64(),
+        backlog_done,
+    })
 }

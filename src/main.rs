@@ -131,6 +131,23 @@ enum BenchWhat {
         #[arg(long, default_value_t = 4096)]
         window: u64,
     },
+    /// Vendor A submits a backlog, then vendor B one image: B's latency
+    /// against B alone, with fair scheduling and on a plain FIFO; prints
+    /// one JSON line.
+    Fairness {
+        /// Vendor A's backlog, in images.
+        #[arg(long, default_value_t = 2_000)]
+        backlog: usize,
+        /// Milliseconds the resize stage spends on each image.
+        #[arg(long, default_value_t = 25)]
+        work_ms: u64,
+        /// Resize's concurrency.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Fair scheduling's admission window.
+        #[arg(long, default_value_t = 8)]
+        window: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,26 +321,42 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             let p = connect(&config).await?;
             ops::dlq_command(&p, action).await
         }
-        Command::Bench {
-            what:
+        Command::Bench { what } => {
+            if config.redis_url.is_empty() {
+                bail!("pass --redis-url (or REDIS_URL): the benchmark runs on a Redis of yours, under keys of its own");
+            }
+            match what {
                 BenchWhat::Pipeline {
                     jobs,
                     rate,
                     concurrency,
                     window,
-                },
-        } => {
-            if config.redis_url.is_empty() {
-                bail!("pass --redis-url (or REDIS_URL): the benchmark runs on a Redis of yours, under keys of its own");
+                } => {
+                    bench::pipeline(bench::BenchArgs {
+                        redis_url: config.redis_url.clone(),
+                        jobs,
+                        rate,
+                        concurrency,
+                        window,
+                    })
+                    .await
+                }
+                BenchWhat::Fairness {
+                    backlog,
+                    work_ms,
+                    concurrency,
+                    window,
+                } => {
+                    bench::fairness(bench::FairnessArgs {
+                        redis_url: config.redis_url.clone(),
+                        backlog,
+                        work: std::time::Duration::from_millis(work_ms),
+                        concurrency: concurrency.max(1),
+                        window: window.max(1),
+                    })
+                    .await
+                }
             }
-            bench::pipeline(bench::BenchArgs {
-                redis_url: config.redis_url.clone(),
-                jobs,
-                rate,
-                concurrency,
-                window,
-            })
-            .await
         }
         Command::Config => {
             print!("{}", toml::to_string_pretty(&config)?);
