@@ -292,10 +292,13 @@ async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<Fairne
         StageName::Upload,
         StageName::DbCommit,
     ] {
+        // The other stages take a burst in a few reads, as rate-check does
+        // by default (see config.rs): a FIFO in front of fair admission
+        // that passed A's burst four images at a time would bury B there.
         let (work, concurrency) = if name == StageName::Resize {
             (args.work, args.concurrency)
         } else {
-            (Duration::ZERO, 64)
+            (Duration::ZERO, 256)
         };
         let cfg = RunnerConfig {
             concurrency,

@@ -105,9 +105,12 @@ impl Default for Config {
 }
 
 /// The seed's concurrency: 3 bg-removal, 3 face-crop, 5 image processing.
+/// rate-check does next to nothing per image, but it is the one FIFO in
+/// front of fair admission: a vendor's burst must pass it in a few reads,
+/// or another vendor's image waits behind the whole burst there.
 fn default_concurrency(stage: StageName) -> usize {
     match stage {
-        StageName::RateCheck => 4,
+        StageName::RateCheck => 256,
         StageName::BgRemoval => 3,
         StageName::FaceCrop => 3,
         StageName::Resize => 5,
