@@ -289,6 +289,32 @@ impl Stage for Noop {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_the_finishing_script_refuses_does_not_hold_up_its_batch() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let mut finished = env.finished_listener().await;
+    let mut ids = env.submit("vendor-a", 20, 1, &[Operation::Resize], 8).await;
+    // One job's record is not a hash any more: every step on its image
+    // fails in Redis (WRONGTYPE), whatever batch it lands in.
+    let broken = ids.remove(7);
+    let mut conn = env.pipeline.conn.clone();
+    let key = env.pipeline.keys.job(&broken);
+    let _: () = conn.del(&key).await.unwrap();
+    let _: () = conn.set(&key, "not a job").await.unwrap();
+    // Nothing failed is reclaimed within the test: what finishes, finishes
+    // on its first delivery.
+    let cfg = image_queue_pipeline::RunnerConfig {
+        claim_idle_ms: 120_000,
+        ..fast_runner(32)
+    };
+    let shutdown = CancellationToken::new();
+    let mut stages = run_noop_pipeline(&env, cfg, Duration::ZERO, &shutdown).await;
+    // The other 19 were read and finished together with it, and finish.
+    finished.wait(&ids, Duration::from_secs(20)).await;
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}
+
 /// Images of these jobs done so far.
 async fn images_done(env: &TestEnv, jobs: &[String]) -> u32 {
     let mut done = 0;

@@ -661,19 +661,31 @@ impl StageRunner {
                 }
             }
             let attempt = || async { self.finish_batch(&batch).await };
-            match attempt.retry(redis_outage()).await {
-                Ok(codes) if codes.len() == batch.len() => {
-                    for (f, code) in batch.drain(..).zip(codes) {
-                        let _ = f.done.send(Ok(code));
+            match attempt.retry(redis_outage()).when(is_outage).await {
+                Err(e) if batch.len() > 1 && !is_outage(&e) => {
+                    // Something in the batch the script refuses must not
+                    // hold up the rest: finish them one by one.
+                    warn!(stage = %self.name, error = %e, events = batch.len(), "a batch failed; finishing its events one by one");
+                    for f in batch.drain(..) {
+                        let one = std::slice::from_ref(&f);
+                        let attempt = || async { self.finish_batch(one).await };
+                        let r = attempt.retry(redis_outage()).when(is_outage).await;
+                        let _ = f.done.send(verdict(r, 1).map(|codes| codes[0]));
                     }
                 }
-                other => {
-                    let why = match other {
-                        Err(e) => e.to_string(),
-                        Ok(codes) => format!("finish.lua answered {} codes for {} events", codes.len(), batch.len()),
-                    };
-                    for f in batch.drain(..) {
-                        let _ = f.done.send(Err(why.clone()));
+                r => {
+                    let n = batch.len();
+                    match verdict(r, n) {
+                        Ok(codes) => {
+                            for (f, code) in batch.drain(..).zip(codes) {
+                                let _ = f.done.send(Ok(code));
+                            }
+                        }
+                        Err(why) => {
+                            for f in batch.drain(..) {
+                                let _ = f.done.send(Err(why.clone()));
+                            }
+                        }
                     }
                 }
             }
@@ -1194,6 +1206,28 @@ fn redis_outage() -> ExponentialBuilder {
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_secs(2))
         .with_max_times(40)
+}
+
+/// A Redis error that says Redis is away, loading or failing over (worth
+/// waiting for), rather than that the step itself was refused.
+fn is_outage(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "READONLY" | "MASTERDOWN" | "CLUSTERDOWN" | "OOM")
+        )
+}
+
+/// `finish.lua`'s codes for `n` events, or why there are none.
+fn verdict(r: redis::RedisResult<Vec<i64>>, n: usize) -> Result<Vec<i64>, String> {
+    match r {
+        Ok(codes) if codes.len() == n => Ok(codes),
+        Ok(codes) => Err(format!("finish.lua answered {} codes for {n} events", codes.len())),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// One transition on the progress channel, as `finish.lua` and
