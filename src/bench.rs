@@ -85,13 +85,20 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
+/// A pipeline on the user's Redis under a prefix of its own (removed by
+/// `cleanup`), with blobs in a temporary directory kept while the guard lives.
+async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String, tempfile::TempDir)> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir()?;
     let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
-    let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
+    let p = Pipeline::connect(redis_url, &prefix, blobs)
         .await
         .context("connecting to Redis")?;
+    Ok((p, prefix, dir))
+}
+
+pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
+    let (p, prefix, _blobs_dir) = connect(&args.redis_url).await?;
     let jobs = JobStore::new(p.clone(), 3600);
     let cfg = RunnerConfig {
         concurrency: args.concurrency,
@@ -277,12 +284,7 @@ pub async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
 }
 
 async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<FairnessRun> {
-    let prefix = format!("bench-{:08x}", rand::random::<u32>());
-    let dir = tempfile::tempdir()?;
-    let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
-    let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
-        .await
-        .context("connecting to Redis")?;
+    let (p, prefix, _blobs_dir) = connect(&args.redis_url).await?;
     let jobs = JobStore::new(p.clone(), 3600);
     let shutdown = CancellationToken::new();
     let mut runners = tokio::task::JoinSet::new();
