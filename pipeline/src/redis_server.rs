@@ -2,9 +2,17 @@
 //! directory: what `image-queue up` runs when no Redis URL is given, and
 //! what every test starts so that tests run in parallel and may kill and
 //! restart their Redis.
+//!
+//! `up`'s server ([`RedisServer::start_embedded`]) also asks for a password
+//! (from a 0600 file next to its data, never on the command line, where
+//! `ps` would show it), dies with the process that started it however that
+//! one ends (Linux's parent-death signal), and may keep a descriptor of its
+//! parent's open (the data directory's lock), so that the lock is held for
+//! as long as either of them lives.
 
 use std::io;
 use std::net::TcpListener;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -28,6 +36,15 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     fsync: Fsync,
+    embedded: Option<Embedded>,
+}
+
+/// What `up`'s own server adds to a test server.
+#[derive(Debug, Clone)]
+struct Embedded {
+    password: String,
+    /// A descriptor of ours the child keeps open (not closed on exec).
+    keep_open: Option<RawFd>,
 }
 
 impl RedisServer {
@@ -52,13 +69,77 @@ impl RedisServer {
             port,
             dir: dir.to_path_buf(),
             fsync,
+            embedded: None,
         };
         server.spawn().await?;
         Ok(server)
     }
 
+    /// Starts `up`'s server on a free port: with `password` required, dying
+    /// with this process whatever ends it (on Linux), and holding
+    /// `keep_open` open for as long as it runs.
+    pub async fn start_embedded(
+        dir: &Path,
+        fsync: Fsync,
+        password: &str,
+        keep_open: Option<RawFd>,
+    ) -> io::Result<RedisServer> {
+        std::fs::create_dir_all(dir)?;
+        let mut last_err = None;
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                child: None,
+                port: free_port()?,
+                dir: dir.to_path_buf(),
+                fsync,
+                embedded: Some(Embedded {
+                    password: password.to_string(),
+                    keep_open,
+                }),
+            };
+            match server.spawn().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| io::Error::other("redis-server did not start")))
+    }
+
     async fn spawn(&mut self) -> io::Result<()> {
         let mut cmd = Command::new("redis-server");
+        if let Some(e) = &self.embedded {
+            // A config file must come first; it carries the password so
+            // that no command line shows it.
+            let conf = self.dir.join("auth.conf");
+            write_private(&conf, &format!("requirepass \"{}\"\n", e.password))?;
+            cmd.arg(&conf);
+            let keep_open = e.keep_open;
+            let parent = std::process::id();
+            // SAFETY: between fork and exec the closure only makes
+            // async-signal-safe system calls (prctl, getppid, fcntl).
+            unsafe {
+                cmd.pre_exec(move || {
+                    #[cfg(target_os = "linux")]
+                    {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                        // The parent may have died before the signal was
+                        // asked for: then nobody would send it.
+                        if libc::getppid() as u32 != parent {
+                            return Err(io::Error::other("the parent exited"));
+                        }
+                    }
+                    let _ = parent;
+                    if let Some(fd) = keep_open {
+                        if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("--port")
             .arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--logfile", ""])
@@ -115,8 +196,17 @@ impl RedisServer {
         self.port
     }
 
+    /// The URL to connect with, with the password when one is required.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.embedded {
+            Some(e) => format!("redis://:{}@127.0.0.1:{}/", e.password, self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
     }
 
     pub fn dir(&self) -> &Path {
@@ -157,6 +247,21 @@ impl RedisServer {
         }
         Ok(())
     }
+}
+
+/// Writes a file only its owner may read.
+fn write_private(path: &Path, text: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An older file keeps its mode through `open`: set it anyway.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(text.as_bytes())
 }
 
 /// A TCP port free at the time of asking.
