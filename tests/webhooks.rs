@@ -216,3 +216,64 @@ async fn a_webhook_aimed_at_a_private_address_is_refused_not_retried() {
     delivery.await.unwrap().unwrap();
     while stages.join_next().await.is_some() {}
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_doubtful_cutout_reaches_the_status_and_the_webhook_as_a_warning() {
+    use image_queue_pipeline::blob::blob_key;
+    use image_queue_pipeline::{NewImage, NewJob, Source};
+
+    let env = TestEnv::start(Fsync::Off).await;
+    let (url, mut calls) = receiver(0).await;
+    Webhooks::new(env.pipeline.clone()).set("vendor-a", &url).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let delivery = tokio::spawn(run_deliveries(
+        env.pipeline.clone(),
+        sender(true),
+        fast_delivery(),
+        shutdown.clone(),
+    ));
+    // A blank image: border-key keys all of it out, an empty cutout.
+    let mut blank = Vec::new();
+    image::DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(96, 72, image::Rgba([250, 250, 250, 255])))
+        .write_to(&mut std::io::Cursor::new(&mut blank), image::ImageFormat::Png)
+        .unwrap();
+    let id = NewJob::new_id();
+    let key = blob_key(&id, 0, "original");
+    env.pipeline.blobs.put(&key, blank.into()).await.unwrap();
+    env.jobs
+        .submit(NewJob {
+            id: id.clone(),
+            vendor: "vendor-a".into(),
+            operations: vec![Operation::BgRemoval, Operation::Resize],
+            images: vec![NewImage {
+                source: Source::Blob(key),
+                record_id: "sku-blank".into(),
+            }],
+            idempotency_key: None,
+            traceparent: None,
+        })
+        .await
+        .unwrap();
+
+    let call = next_call(&mut calls).await;
+    let notice: JobFinished = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(
+        (notice.job_id.as_str(), notice.status.as_str()),
+        (id.as_str(), "completed")
+    );
+    assert_eq!(notice.warnings.len(), 1, "{notice:?}");
+    assert_eq!(notice.warnings[0].record_id, "sku-blank");
+    assert!(notice.warnings[0].warnings[0].contains("near-empty"), "{notice:?}");
+    let job = env.jobs.get(Some("vendor-a"), &id).await.unwrap().unwrap();
+    let notes = job.images[0].notes.clone().unwrap();
+    assert_eq!(
+        notes["warnings"][0].as_str(),
+        Some(notice.warnings[0].warnings[0].as_str())
+    );
+    assert_eq!(notes["bg_removed"], false);
+
+    shutdown.cancel();
+    delivery.await.unwrap().unwrap();
+    while stages.join_next().await.is_some() {}
+}

@@ -56,6 +56,38 @@ pub struct JobFinished {
     pub finished_ms: u64,
     /// 1 for the first try.
     pub attempt: u32,
+    /// The images that ended with warnings (a doubtful cutout, no face
+    /// found), so that a shop can look at them; absent when none did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<ImageWarnings>,
+}
+
+/// One image's warnings, as its `notes.warnings` holds them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageWarnings {
+    pub index: u32,
+    pub record_id: String,
+    pub warnings: Vec<String>,
+}
+
+/// The warnings of a job's images, read from its record.
+async fn job_warnings(p: &Pipeline, job_id: &str) -> Vec<ImageWarnings> {
+    let job = match crate::jobs::JobStore::new(p.clone(), 0).get(None, job_id).await {
+        Ok(Some(job)) => job,
+        _ => return Vec::new(),
+    };
+    job.images
+        .iter()
+        .filter_map(|i| {
+            let list = i.notes.as_ref()?.get("warnings")?.as_array()?;
+            let warnings: Vec<String> = list.iter().filter_map(|w| w.as_str().map(String::from)).collect();
+            (!warnings.is_empty()).then(|| ImageWarnings {
+                index: i.index,
+                record_id: i.record_id.clone(),
+                warnings,
+            })
+        })
+        .collect()
 }
 
 /// Sends one notice; `Ok` with the receiver's HTTP status once it took it.
@@ -252,6 +284,7 @@ async fn deliver_one(p: &Pipeline, sender: &dyn WebhookSender, cfg: &WebhookDeli
                 status: status.clone(),
                 finished_ms,
                 attempt,
+                warnings: job_warnings(p, &job_id).await,
             };
             let body = serde_json::to_vec(&notice).expect("serialisable");
             match sender.send(&hook, &job_id, &body).await {

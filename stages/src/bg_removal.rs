@@ -15,6 +15,12 @@
 //! `image-queue up` with no `[bg_removal]` configured picks for itself with
 //! [`BgRemovalConfig::detect`]: U²-Net on ONNX Runtime when the model and
 //! the library are there, else on tract when the model is, else border-key.
+//!
+//! Every cutout is measured before it ships ([`MaskQuality`]): a mask that
+//! keeps almost nothing, removes almost nothing or is mostly unsure is no
+//! product cutout, whatever the engine. Such an image gets a `warnings`
+//! entry in its notes, and [`OnDoubtfulMask`] decides what ships (by
+//! default the original, untouched: never a blank product).
 
 use std::collections::VecDeque;
 use std::io::Cursor;
@@ -59,9 +65,113 @@ pub enum BgRemovalConfig {
     },
 }
 
-/// Where the model is unless configured.
+/// Where the model is unless configured: relative paths are resolved
+/// under the data directory by the binary.
 pub fn default_model() -> PathBuf {
-    PathBuf::from("./models/u2netp.onnx")
+    PathBuf::from("models/u2netp.onnx")
+}
+
+/// What ships when a cutout's mask looks wrong.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnDoubtfulMask {
+    /// The cutout, with a warning.
+    Keep,
+    /// The image as it came in, untouched, with a warning.
+    #[default]
+    Original,
+    /// The image fails, permanently, saying why.
+    Fail,
+}
+
+impl OnDoubtfulMask {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnDoubtfulMask::Keep => "keep",
+            OnDoubtfulMask::Original => "original",
+            OnDoubtfulMask::Fail => "fail",
+        }
+    }
+}
+
+/// Below this share of kept pixels a mask is near-empty.
+pub const MIN_COVERAGE: f32 = 0.01;
+/// Above this share of kept pixels a mask is near-full: nothing removed.
+pub const MAX_COVERAGE: f32 = 0.97;
+/// Below this share of confident pixels a mask is mostly uncertain.
+pub const MIN_CONFIDENT: f32 = 0.6;
+
+/// How a cutout's alpha channel looks.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MaskQuality {
+    /// Share of pixels kept (alpha at least half).
+    pub coverage: f32,
+    /// Share of pixels the mask is sure of (alpha under 16 or over 239).
+    pub confident: f32,
+    /// Share of the border's pixels kept: a subject touching the frame.
+    pub border: f32,
+}
+
+impl MaskQuality {
+    pub fn measure(cut: &RgbaImage) -> MaskQuality {
+        let (w, h) = cut.dimensions();
+        let n = (w as u64 * h as u64).max(1) as f32;
+        let (mut kept, mut sure) = (0u64, 0u64);
+        for p in cut.pixels() {
+            let a = p[3];
+            kept += (a >= 128) as u64;
+            sure += !(16..=239).contains(&a) as u64;
+        }
+        let (mut edge, mut edge_kept) = (0u64, 0u64);
+        for (x, y, p) in cut.enumerate_pixels() {
+            if x == 0 || y == 0 || x + 1 == w || y + 1 == h {
+                edge += 1;
+                edge_kept += (p[3] >= 128) as u64;
+            }
+        }
+        MaskQuality {
+            coverage: kept as f32 / n,
+            confident: sure as f32 / n,
+            border: edge_kept as f32 / edge.max(1) as f32,
+        }
+    }
+
+    /// Why the mask is doubtful, if it is.
+    pub fn doubt(&self) -> Option<String> {
+        let pct = |f: f32| f * 100.0;
+        if self.coverage < MIN_COVERAGE {
+            Some(format!(
+                "background removal kept almost nothing ({:.1}% of the image): the mask is near-empty",
+                pct(self.coverage)
+            ))
+        } else if self.coverage > MAX_COVERAGE {
+            Some(format!(
+                "background removal removed almost nothing ({:.1}% of the image kept): no backdrop was found",
+                pct(self.coverage)
+            ))
+        } else if self.confident < MIN_CONFIDENT {
+            Some(format!(
+                "background removal is unsure of most of the image (only {:.1}% of the mask is confident)",
+                pct(self.confident)
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Appends `text` to the image's `warnings` note (shown on its status).
+pub fn add_warning(event: &mut ImageEvent, text: String) {
+    let entry = event
+        .notes
+        .entry("warnings")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    if !entry.is_array() {
+        *entry = serde_json::Value::Array(Vec::new());
+    }
+    if let serde_json::Value::Array(a) = entry {
+        a.push(text.into());
+    }
 }
 
 fn default_tolerance() -> f32 {
@@ -138,7 +248,12 @@ impl BgRemovalConfig {
                 onnxruntime_library,
             } => Engine::U2net(U2net::shared_on(model, *runtime, onnxruntime_library.as_deref())?),
         };
-        Ok(BgRemovalStage { ctx, limits, engine })
+        Ok(BgRemovalStage {
+            ctx,
+            limits,
+            engine,
+            on_doubtful_mask: OnDoubtfulMask::default(),
+        })
     }
 }
 
@@ -152,9 +267,16 @@ pub struct BgRemovalStage {
     ctx: StageContext,
     limits: DecodeLimits,
     engine: Engine,
+    on_doubtful_mask: OnDoubtfulMask,
 }
 
 impl BgRemovalStage {
+    /// What ships when a cutout's mask looks wrong.
+    pub fn on_doubtful_mask(mut self, policy: OnDoubtfulMask) -> Self {
+        self.on_doubtful_mask = policy;
+        self
+    }
+
     /// The rembg pool, when that is the engine (for its status).
     pub fn rembg_pool(&self) -> Option<&RembgPool> {
         match &self.engine {
@@ -179,32 +301,32 @@ impl Stage for BgRemovalStage {
 
     async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
         let bytes = self.ctx.working_image(&event).await?;
+        let original = bytes.clone();
         let limits = self.limits.clone();
-        match &self.engine {
+        let (png, quality) = match &self.engine {
             Engine::BorderKey { tolerance } => {
                 let tolerance = *tolerance;
-                let png = cpu("bg-removal", move || {
+                let out = cpu("bg-removal", move || {
                     let img = decode(&bytes, &limits)?;
-                    encode_png(&DynamicImage::ImageRgba8(border_key(&img, tolerance)), "the cutout")
+                    measured_png(border_key(&img, tolerance))
                 })
                 .await?;
-                self.ctx.put_working(&mut event, "cutout.png", png).await?;
                 event.notes.insert("bg_engine".into(), "border-key".into());
+                out
             }
             Engine::U2net(model) => {
                 let runtime = model.runtime();
                 let model = model.clone();
-                let png = cpu("bg-removal", move || {
+                let out = cpu("bg-removal", move || {
                     let img = decode(&bytes, &limits)?;
                     // Inference failing on a decoded image is our fault
                     // (the model), not the image's: worth retrying elsewhere.
-                    let cut = model.cutout(&img).map_err(StageError::retryable)?;
-                    encode_png(&DynamicImage::ImageRgba8(cut), "the cutout")
+                    measured_png(model.cutout(&img).map_err(StageError::retryable)?)
                 })
                 .await?;
-                self.ctx.put_working(&mut event, "cutout.png", png).await?;
                 event.notes.insert("bg_engine".into(), "u2net".into());
                 event.notes.insert("bg_runtime".into(), runtime.as_str().into());
+                out
             }
             Engine::Rembg(pool) => {
                 // rembg gets upright, validated pixels: never the vendor's
@@ -215,13 +337,51 @@ impl Stage for BgRemovalStage {
                 })
                 .await?;
                 let (cutout, instance) = pool.remove(png).await?;
-                self.ctx.put_working(&mut event, "cutout.png", cutout).await?;
                 event.notes.insert("bg_engine".into(), "rembg".into());
                 event.notes.insert("bg_instance".into(), instance.into());
+                let limits = self.limits.clone();
+                let measured = cutout.clone();
+                let quality = cpu("bg-removal", move || {
+                    Ok(MaskQuality::measure(&decode(&measured, &limits)?.to_rgba8()))
+                })
+                .await?;
+                (cutout, quality)
+            }
+        };
+        event
+            .notes
+            .insert("mask".into(), serde_json::to_value(quality).unwrap_or_default());
+        let Some(why) = quality.doubt() else {
+            self.ctx.put_working(&mut event, "cutout.png", png).await?;
+            return Ok(Outcome::Done(event));
+        };
+        match self.on_doubtful_mask {
+            OnDoubtfulMask::Fail => return Err(StageError::permanent(why)),
+            OnDoubtfulMask::Keep => {
+                add_warning(&mut event, format!("{why}; the cutout was kept anyway"));
+                self.ctx.put_working(&mut event, "cutout.png", png).await?;
+            }
+            OnDoubtfulMask::Original => {
+                // The image as it came (kept as a blob when it was fetched
+                // from a URL, so that no later stage fetches it again).
+                if event.working.is_none() && matches!(event.source, image_queue_pipeline::Source::Url(_)) {
+                    self.ctx.put_working(&mut event, "original", original).await?;
+                }
+                add_warning(
+                    &mut event,
+                    format!("{why}; the original image was kept, background and all"),
+                );
+                event.notes.insert("bg_removed".into(), false.into());
             }
         }
         Ok(Outcome::Done(event))
     }
+}
+
+/// The cutout as PNG, with its mask measured.
+fn measured_png(cut: RgbaImage) -> Result<(Bytes, MaskQuality), StageError> {
+    let quality = MaskQuality::measure(&cut);
+    Ok((encode_png(&DynamicImage::ImageRgba8(cut), "the cutout")?, quality))
 }
 
 /// Makes transparent every pixel connected to the border whose colour is
@@ -281,6 +441,44 @@ mod tests {
         assert_eq!(cut.get_pixel(0, 0)[3], 0);
         assert_eq!(cut.get_pixel(39, 39)[3], 0);
         assert_eq!(cut.get_pixel(20, 20)[3], 255);
+    }
+
+    #[test]
+    fn empty_full_and_unsure_masks_are_doubtful_and_a_cutout_is_not() {
+        let with_alpha = |f: &dyn Fn(u32, u32) -> u8| RgbaImage::from_fn(50, 40, |x, y| Rgba([9, 9, 9, f(x, y)]));
+        let empty = MaskQuality::measure(&with_alpha(&|_, _| 0));
+        assert_eq!(empty.coverage, 0.0);
+        assert!(empty.doubt().unwrap().contains("near-empty"), "{empty:?}");
+        // u2netp's ghosts: nothing over alpha 86.
+        let ghosts = MaskQuality::measure(&with_alpha(&|x, _| ((x * 7) % 87) as u8));
+        assert!(ghosts.doubt().is_some(), "{ghosts:?}");
+        let full = MaskQuality::measure(&with_alpha(&|x, y| if x == 0 && y == 0 { 0 } else { 255 }));
+        assert!(full.doubt().unwrap().contains("removed almost nothing"), "{full:?}");
+        assert!((full.border - 175.0 / 176.0).abs() < 1e-6, "{full:?}");
+        let unsure = MaskQuality::measure(&with_alpha(&|x, _| if x < 10 { 255 } else { 100 }));
+        assert!(unsure.doubt().unwrap().contains("unsure"), "{unsure:?}");
+        let good = MaskQuality::measure(&with_alpha(&|x, y| {
+            if (10..40).contains(&x) && (10..30).contains(&y) {
+                255
+            } else {
+                0
+            }
+        }));
+        assert_eq!(good.doubt(), None, "{good:?}");
+        assert_eq!(good.border, 0.0);
+        assert!((good.coverage - 0.3).abs() < 1e-6);
+    }
+
+    #[test]
+    fn border_key_on_a_photo_without_a_plain_backdrop_is_doubtful() {
+        // Busy everywhere, borders included: the flood fill finds no
+        // backdrop and keeps nearly everything.
+        let img = RgbaImage::from_fn(64, 48, |x, y| {
+            Rgba([(x * 37 % 256) as u8, (y * 53 % 256) as u8, ((x * y) % 256) as u8, 255])
+        });
+        let cut = border_key(&DynamicImage::ImageRgba8(img), 40.0);
+        let q = MaskQuality::measure(&cut);
+        assert!(q.doubt().is_some(), "{q:?}");
     }
 
     #[test]

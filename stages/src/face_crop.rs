@@ -5,7 +5,9 @@
 //! with a configured margin and aspect ratio (square by default), the face
 //! centred horizontally and its centre a third of the way down, as
 //! portraits are usually framed; it never leaves the image. When no face is
-//! found it falls back to a centre crop and records `face_found: false`.
+//! found the image is left uncropped (a product shot sent through face-crop
+//! must not lose both ends) with a warning, or centre-cropped with
+//! `no_face = "center"`; either way it records `face_found: false`.
 //! Large images are downscaled for detection (the detector's time grows
 //! with the pixel count, and faces small enough to vanish at that size are
 //! no subject for a portrait crop), and the box is mapped back.
@@ -49,6 +51,19 @@ pub struct FaceCropConfig {
     pub min_face: u32,
     /// The detector's score threshold: higher finds fewer false faces.
     pub score_threshold: f64,
+    /// What to do with an image without a face.
+    pub no_face: NoFace,
+}
+
+/// What face-crop does with an image in which it finds no face.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoFace {
+    /// Leave it uncropped, with a warning.
+    #[default]
+    Keep,
+    /// Crop its centre to the configured aspect ratio.
+    Center,
 }
 
 impl Default for FaceCropConfig {
@@ -60,6 +75,7 @@ impl Default for FaceCropConfig {
             detect_max_side: 800,
             min_face: 24,
             score_threshold: 2.0,
+            no_face: NoFace::default(),
         }
     }
 }
@@ -189,10 +205,11 @@ pub fn detect_faces(img: &DynamicImage, c: &FaceCropConfig) -> Vec<Rect> {
 
 /// What the stage found and did.
 struct Cropped {
-    png: Bytes,
+    /// The crop, or none when the image is left as it is.
+    png: Option<Bytes>,
     face: Option<Rect>,
     faces: usize,
-    crop: Rect,
+    crop: Option<Rect>,
 }
 
 #[async_trait]
@@ -208,11 +225,19 @@ impl Stage for FaceCropStage {
         let out = cpu("face-crop", move || {
             let img = decode(&bytes, &limits)?;
             let faces = detect_faces(&img, &c);
-            let crop = match faces.first() {
-                Some(&f) => crop_around(img.width(), img.height(), f, &c),
-                None => {
+            let crop = match (faces.first(), c.no_face) {
+                (Some(&f), _) => crop_around(img.width(), img.height(), f, &c),
+                (None, NoFace::Center) => {
                     let (x, y, w, h) = centre_crop(img.width(), img.height(), c.aspect);
                     Rect { x, y, w, h }
+                }
+                (None, NoFace::Keep) => {
+                    return Ok(Cropped {
+                        png: None,
+                        face: None,
+                        faces: 0,
+                        crop: None,
+                    })
                 }
             };
             let mut png = Vec::new();
@@ -220,22 +245,32 @@ impl Stage for FaceCropStage {
                 .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
                 .map_err(|e| StageError::permanent(format!("encoding the crop: {e}")))?;
             Ok(Cropped {
-                png: Bytes::from(png),
+                png: Some(Bytes::from(png)),
                 face: faces.first().copied(),
                 faces: faces.len(),
-                crop,
+                crop: Some(crop),
             })
         })
         .await?;
-        self.ctx.put_working(&mut event, "crop.png", out.png).await?;
+        if let Some(png) = out.png {
+            self.ctx.put_working(&mut event, "crop.png", png).await?;
+        }
         event.notes.insert("face_found".into(), out.face.is_some().into());
         event.notes.insert("faces".into(), out.faces.into());
         if let Some(f) = out.face {
             event.notes.insert("face_box".into(), serde_json::to_value(f).unwrap());
         }
-        event
-            .notes
-            .insert("crop_box".into(), serde_json::to_value(out.crop).unwrap());
+        match out.crop {
+            Some(crop) => {
+                event
+                    .notes
+                    .insert("crop_box".into(), serde_json::to_value(crop).unwrap());
+            }
+            None => crate::bg_removal::add_warning(
+                &mut event,
+                "face-crop found no face: the image was left uncropped".into(),
+            ),
+        }
         Ok(Outcome::Done(event))
     }
 }

@@ -6,6 +6,7 @@ mod support;
 use image::ImageFormat;
 use image_queue_pipeline::{Outcome, Stage};
 use image_queue_stages::decode::DecodeLimits;
+use image_queue_stages::face_crop::NoFace;
 use image_queue_stages::FaceCropConfig;
 use serde_json::Value;
 use support::{context, encode, event_for, product_photo, working};
@@ -27,7 +28,7 @@ fn rect(v: &Value) -> (u32, u32, u32, u32) {
 }
 
 #[tokio::test]
-async fn crops_around_a_real_face_and_centre_crops_without_one() {
+async fn crops_around_a_real_face_and_leaves_an_image_without_one_uncropped() {
     let (ctx, _dir) = context();
     let stage = FaceCropConfig::default().build(ctx.clone(), DecodeLimits::default());
     let photo = astronaut();
@@ -86,14 +87,32 @@ async fn crops_around_a_real_face_and_centre_crops_without_one() {
     let (_, _, w, h) = rect(&ev.notes["crop_box"]);
     assert!(((w as f32 / h as f32) - 0.8).abs() < 0.02, "{w}×{h}");
 
-    // No face: a centre crop, and it says so.
+    // No face: by default the image is left whole, with a warning.
     let ev = event_for(&ctx, "noface", 0, encode(&product_photo(640, 480), ImageFormat::Png)).await;
     let Outcome::Done(ev) = stage.handle(ev).await.unwrap() else {
         panic!("deferred")
     };
     assert_eq!(ev.notes["face_found"], false);
     assert!(ev.notes.get("face_box").is_none());
+    assert!(ev.notes.get("crop_box").is_none(), "{:?}", ev.notes);
+    let warnings = ev.notes["warnings"].as_array().expect("a warnings note");
+    assert!(warnings[0].as_str().unwrap().contains("no face"), "{warnings:?}");
+    let out = image::load_from_memory(&ctx.working_image(&ev).await.unwrap()).unwrap();
+    assert_eq!((out.width(), out.height()), (640, 480), "uncropped");
+
+    // With no_face = "center": a centre crop, and it says so.
+    let centre = FaceCropConfig {
+        no_face: NoFace::Center,
+        ..FaceCropConfig::default()
+    }
+    .build(ctx.clone(), DecodeLimits::default());
+    let ev = event_for(&ctx, "noface", 1, encode(&product_photo(640, 480), ImageFormat::Png)).await;
+    let Outcome::Done(ev) = centre.handle(ev).await.unwrap() else {
+        panic!("deferred")
+    };
+    assert_eq!(ev.notes["face_found"], false);
     assert_eq!(rect(&ev.notes["crop_box"]), (80, 0, 480, 480));
+    assert!(ev.notes.get("warnings").is_none());
     let out = working(&ctx, &ev).await;
     assert_eq!(out.dimensions(), (480, 480));
 }
