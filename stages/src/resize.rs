@@ -173,44 +173,61 @@ impl Stage for ResizeStage {
         let config = self.config.clone();
         let variants = cpu("resize", move || {
             let img = decode(&bytes, &limits)?;
-            config
-                .variants
-                .iter()
-                .map(|v| {
-                    let (w, h) = fit(img.width(), img.height(), v.long_side);
-                    let scaled = if (w, h) == (img.width(), img.height()) {
-                        img.clone()
-                    } else {
-                        scale(&img, w, h)?
-                    };
-                    Ok((v.clone(), w, h, encode(&scaled, v.format, config.quality)?))
-                })
-                .collect::<Result<Vec<_>, StageError>>()
+            let mut made: Vec<(Variant, u32, u32, Option<Vec<u8>>)> = Vec::new();
+            for v in &config.variants {
+                let (w, h) = fit(img.width(), img.height(), v.long_side);
+                // A small image fits several variants whole: the same size
+                // in the same format would be the same bytes, made and
+                // stored once (None: see the earlier one).
+                if made
+                    .iter()
+                    .any(|(o, ow, oh, _)| (*ow, *oh, o.format) == (w, h, v.format))
+                {
+                    made.push((v.clone(), w, h, None));
+                    continue;
+                }
+                let scaled = if (w, h) == (img.width(), img.height()) {
+                    img.clone()
+                } else {
+                    scale(&img, w, h)?
+                };
+                made.push((v.clone(), w, h, Some(encode(&scaled, v.format, config.quality)?)));
+            }
+            Ok(made)
         })
         .await?;
         for (v, w, h, data) in variants {
-            let key = image_queue_pipeline::blob::blob_key(
-                &event.job,
-                event.image,
-                &format!("{}.{}", v.name, v.format.extension()),
-            );
-            let len = data.len() as u64;
-            self.ctx
-                .blobs
-                .put(&key, Bytes::from(data))
-                .await
-                .map_err(|e| StageError::retryable(format!("writing blob {key}: {e}")))?;
-            event.outputs.insert(
-                v.name.clone(),
-                OutputRef {
-                    blob: Some(key),
-                    url: None,
-                    content_type: v.format.content_type().into(),
-                    width: w,
-                    height: h,
-                    bytes: len,
-                },
-            );
+            let same = |o: &&OutputRef| (o.width, o.height, o.content_type.as_str()) == (w, h, v.format.content_type());
+            let out = match data {
+                Some(data) => {
+                    let key = image_queue_pipeline::blob::blob_key(
+                        &event.job,
+                        event.image,
+                        &format!("{}.{}", v.name, v.format.extension()),
+                    );
+                    let len = data.len() as u64;
+                    self.ctx
+                        .blobs
+                        .put(&key, Bytes::from(data))
+                        .await
+                        .map_err(|e| StageError::retryable(format!("writing blob {key}: {e}")))?;
+                    OutputRef {
+                        blob: Some(key),
+                        url: None,
+                        content_type: v.format.content_type().into(),
+                        width: w,
+                        height: h,
+                        bytes: len,
+                    }
+                }
+                None => event
+                    .outputs
+                    .values()
+                    .find(|o| same(o) && o.blob.is_some())
+                    .cloned()
+                    .ok_or_else(|| StageError::permanent(format!("variant {} lost its twin", v.name)))?,
+            };
+            event.outputs.insert(v.name.clone(), out);
         }
         Ok(Outcome::Done(event))
     }

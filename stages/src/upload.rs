@@ -393,12 +393,20 @@ impl Stage for UploadStage {
             return Ok(Outcome::Done(event));
         }
         let names: Vec<String> = event.outputs.keys().cloned().collect();
+        // Variants resize found identical share one blob: stored once.
+        let mut stored: std::collections::HashMap<String, String> = std::collections::HashMap::new();
         for name in names {
             let out = event.outputs.get(&name).cloned().unwrap_or_default();
             if out.url.is_some() {
                 continue;
             }
             let Some(blob) = out.blob.clone() else { continue };
+            if let Some(url) = stored.get(&blob) {
+                let o = event.outputs.get_mut(&name).expect("listed above");
+                o.url = Some(url.clone());
+                o.blob = None;
+                continue;
+            }
             let bytes = self
                 .ctx
                 .blobs
@@ -407,6 +415,7 @@ impl Stage for UploadStage {
                 .map_err(|e| StageError::retryable(format!("reading blob {blob}: {e}")))?;
             let ext = blob.rsplit('.').next().unwrap_or("bin").to_string();
             let url = self.store(&mut event, &name, &ext, &out.content_type, bytes).await?;
+            stored.insert(blob, url.clone());
             let o = event.outputs.get_mut(&name).expect("listed above");
             o.url = Some(url);
             o.blob = None;
