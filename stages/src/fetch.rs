@@ -199,7 +199,18 @@ impl Resolve for CheckedResolver {
         let policy = self.policy.clone();
         Box::pin(async move {
             let host = name.as_str().to_string();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), 0)).await {
+                Ok(addrs) => addrs.collect(),
+                // A name that does not exist will not exist on a retry
+                // either (unlike a resolver that timed out).
+                Err(e) if is_no_such_host(&e) => {
+                    return Err(
+                        Box::new(ForbiddenAddress(format!("{host} does not resolve (no such host)")))
+                            as Box<dyn std::error::Error + Send + Sync>,
+                    )
+                }
+                Err(e) => return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+            };
             let mut refused = None;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
@@ -220,6 +231,21 @@ impl Resolve for CheckedResolver {
     }
 }
 
+/// Whether a lookup failed because the name does not exist (`EAI_NONAME`,
+/// `EAI_NODATA`), as opposed to a resolver fault worth retrying.
+fn is_no_such_host(e: &std::io::Error) -> bool {
+    let text = e.to_string();
+    [
+        "Name or service not known",
+        "No address associated with hostname",
+        "nodename nor servname provided",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
+}
+
+/// A permanent refusal to fetch: a forbidden address, or a host that does
+/// not exist.
 #[derive(Debug)]
 struct ForbiddenAddress(String);
 
@@ -352,6 +378,14 @@ fn classify(e: reqwest::Error) -> StageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_host_that_does_not_resolve_is_a_permanent_error() {
+        let f = FetchConfig::default().build().unwrap();
+        let e = f.fetch("http://no-such-host.invalid/a.png").await.unwrap_err();
+        assert!(!e.is_retryable(), "{e:?}");
+        assert!(e.message.contains("no such host"), "{}", e.message);
+    }
 
     #[test]
     fn hostile_addresses_are_refused() {
