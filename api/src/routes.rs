@@ -475,6 +475,17 @@ pub async fn cancel(
     Ok(Json(job).into_response())
 }
 
+/// What `GET /api/image-queue/jobs?status=` accepts.
+const JOB_STATUSES: [&str; 7] = [
+    "active",
+    "queued",
+    "processing",
+    "completed",
+    "failed",
+    "partially_failed",
+    "cancelled",
+];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
@@ -493,6 +504,7 @@ pub struct ListQuery {
     ),
     responses(
         (status = 200, description = "`{jobs, next_cursor}`", body = Object),
+        (status = 400, description = "An unknown status", body = crate::openapi::ErrorBody),
         (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
         (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
     ))]
@@ -502,6 +514,17 @@ pub async fn list(
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
+    // `status=` (empty) is no filter; an unknown status is a mistake to
+    // report, not a filter that silently matches nothing.
+    let status = q.status.as_deref().filter(|s| !s.is_empty());
+    if let Some(s) = status {
+        if !JOB_STATUSES.contains(&s) {
+            return Err(ApiError::BadRequest(format!(
+                "unknown status {s:?}: one of {}",
+                JOB_STATUSES.join(", ")
+            )));
+        }
+    }
     let rate = limit_reads(&state, &vendor).await?;
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let mut jobs = Vec::new();
@@ -516,7 +539,7 @@ pub async fn list(
         for (id, score) in &ids {
             cursor = Some(*score);
             if let Some(job) = state.jobs.get(Some(&vendor.0), id).await? {
-                let wanted = match q.status.as_deref() {
+                let wanted = match status {
                     None => true,
                     Some("active") => !is_terminal(&job.status),
                     Some(s) => job.status == s,

@@ -66,6 +66,11 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn estimate(&self) -> Option<StartEstimate> {
+        // Until the pipeline has finished some work there is no rate to
+        // estimate with, even for "now": absent, as documented.
+        if self.throughput <= 0.0 || !self.throughput.is_finite() {
+            return None;
+        }
         let weight = self.vendor_weight.max(1) as f64;
         let others: u64 = self.other_weights.iter().map(|w| (*w).max(1)).sum();
         let share = weight / (weight + others as f64);
@@ -217,12 +222,12 @@ mod tests {
     #[test]
     fn nothing_waiting_starts_now() {
         assert_eq!(snap().estimate().unwrap().start_ms, 1_000_000);
-        // Even with no throughput measured yet.
+        // But with no throughput measured yet, no estimate at all.
         let s = Snapshot {
             throughput: 0.0,
             ..snap()
         };
-        assert_eq!(s.estimate().unwrap().start_ms, 1_000_000);
+        assert_eq!(s.estimate(), None);
     }
 
     #[test]
