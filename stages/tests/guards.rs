@@ -57,7 +57,7 @@ async fn a_doubtful_mask_ships_the_original_with_a_warning_by_default() {
         .unwrap()
         .on_doubtful_mask(OnDoubtfulMask::Fail);
     let ev = event_for(&ctx, "busy", 2, original).await;
-    let e = fail.handle(ev).await.err().expect("a failure");
+    let e = fail.handle(ev).await.expect_err("a failure");
     assert!(
         !e.is_retryable() && e.message.contains("removed almost nothing"),
         "{e:?}"
