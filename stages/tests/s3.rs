@@ -46,7 +46,9 @@ fn stage(server: &S3Server, ctx: &StageContext, secret: &str) -> UploadStage {
 /// A product photo of `job`'s image 4 that the real resize stage has made
 /// its variants of, as the upload stage receives it.
 async fn resized_event(ctx: &StageContext, job: &str) -> ImageEvent {
-    let png = support::encode(&support::product_photo(400, 300), ImageFormat::Png);
+    // Larger than the medium variant, so that the three variants differ
+    // (identical ones would be stored once).
+    let png = support::encode(&support::product_photo(1000, 750), ImageFormat::Png);
     let mut ev = support::event_for(ctx, job, 4, png).await;
     ev.vendor = "acme/shop".into();
     let resize = ResizeConfig::default().build(ctx.clone(), DecodeLimits::default());
