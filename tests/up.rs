@@ -243,3 +243,61 @@ fn config_lists_every_engine_key_and_no_secret() {
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(!help.contains("seed"), "{help}");
 }
+
+#[test]
+fn up_finds_the_model_in_its_data_directory_wherever_it_is_started() {
+    // The model as scripts/install-rembg.sh leaves it.
+    let models = std::env::var_os("U2NET_HOME")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    let model = models.join("u2netp.onnx");
+    assert!(
+        model.is_file(),
+        "{} is missing: run scripts/install-rembg.sh",
+        model.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The offline route: a copy given by path, checked, put under data_dir.
+    let out = bin()
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["models", "fetch", "--from"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(data.join("models/u2netp.onnx").is_file());
+    let bad = dir.path().join("not-the-model.onnx");
+    std::fs::write(&bad, b"nope").unwrap();
+    let out = bin()
+        .arg("--data-dir")
+        .arg(dir.path().join("other"))
+        .args(["models", "fetch", "--from"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a file that is not the model was taken");
+
+    // Started from elsewhere, up still finds it: no border-key fallback.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut child = bin()
+        .current_dir(elsewhere.path())
+        .args(["up", "--listen", &free_addr(), "--data-dir"])
+        .arg(&data)
+        .env("IMAGE_QUEUE_REDIS_FSYNC", "everysec")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let _up = Killed(child);
+    let engine = lines
+        .map_while(Result::ok)
+        .find(|l| l.contains("Background removal"))
+        .expect("up exited before its banner");
+    assert!(engine.contains("u2net on"), "{engine}");
+    assert!(
+        engine.contains(&data.join("models/u2netp.onnx").display().to_string()),
+        "{engine}"
+    );
+}
