@@ -61,6 +61,13 @@ test("a vendor submits images on the vendor page and watches them complete", asy
   await page.goto(BASE + "/");
   await page.fill("#api-key", VENDOR_KEY);
   await page.dispatchEvent("#api-key", "change");
+  // Only resize is ticked by default: a product shot must not lose its
+  // ends to a face crop, nor its background, unless asked.
+  assert.equal(await page.isChecked("#op-resize"), true);
+  assert.equal(await page.isChecked("#op-bg-removal"), false);
+  assert.equal(await page.isChecked("#op-face-crop"), false);
+  await page.check("#op-bg-removal");
+  await page.check("#op-face-crop");
   await page.setInputFiles("#files", IMAGES);
   await page.click("#submit");
   await page.waitForSelector("#job-section:not([hidden])");
