@@ -80,6 +80,12 @@ test("a vendor submits images on the vendor page and watches them complete", asy
     assert.equal(await row.getAttribute("data-status"), "completed");
     assert.equal((await row.$$("a.result-link")).length, 3, "three variants per image");
     assert.equal((await row.$$(".chip.done")).length, 6, "every stage passed");
+    // The result is shown, on a checkerboard.
+    const thumb = await row.$("img.result-thumb");
+    assert.ok(thumb, "a result thumbnail");
+    await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, thumb);
+    // A product has no face: it is left uncropped, and the page says so.
+    assert.match(await row.$eval(".warning", (e) => e.textContent), /no face/);
   }
   // The links lead to the results themselves.
   const href = await page.getAttribute("a.result-link", "href");

@@ -100,8 +100,12 @@ function render(job) {
     el("td", {}, img.index + 1),
     el("td", {}, img.record_id),
     el("td", {}, stageChips(img, job.operations)),
-    el("td", { class: "status-" + img.status }, img.status, img.error ? el("div", { class: "error" }, img.error) : null),
-    el("td", {}, Object.entries(img.outputs || {}).map(([name, url]) =>
-      el("div", {}, el("a", { class: "result-link", href: url, target: "_blank", rel: "noopener" }, name)))),
+    el("td", { class: "status-" + img.status }, img.status, img.error ? el("div", { class: "error" }, img.error) : null,
+      ((img.notes && img.notes.warnings) || []).map((w) => el("div", { class: "warning" }, w))),
+    el("td", {},
+      // The result itself, on a checkerboard so that a blank cutout shows.
+      img.outputs && img.outputs.thumb ? el("img", { class: "result-thumb", src: img.outputs.thumb, alt: "" }) : null,
+      Object.entries(img.outputs || {}).map(([name, url]) =>
+        el("div", {}, el("a", { class: "result-link", href: url, target: "_blank", rel: "noopener" }, name)))),
   )));
 }
