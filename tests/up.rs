@@ -301,3 +301,19 @@ fn up_finds_the_model_in_its_data_directory_wherever_it_is_started() {
         "{engine}"
     );
 }
+
+#[test]
+fn logs_off_a_terminal_carry_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin()
+        .env("RUST_LOG", "info")
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("migrate")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("migrations applied"), "{log}");
+    assert!(!log.contains('\x1b'), "ANSI escapes in a redirected log: {log:?}");
+}

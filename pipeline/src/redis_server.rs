@@ -115,6 +115,9 @@ impl RedisServer {
             cmd.arg(&conf);
             let keep_open = e.keep_open;
             let parent = std::process::id();
+            // The parent-death signal fires when the *thread* that forked
+            // exits: `up` starts its server from the main thread, which
+            // lives as long as the process.
             // SAFETY: between fork and exec the closure only makes
             // async-signal-safe system calls (prctl, getppid, fcntl).
             unsafe {
