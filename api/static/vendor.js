@@ -84,8 +84,11 @@ function stageChips(img, ops) {
   return el("div", { class: "chips" }, wanted.map((s, i) => {
     let cls = "chip";
     if (i < at) cls += " done";
-    else if (i === at) cls += img.status === "failed" ? " failed" : " here";
-    return el("span", { class: cls }, s);
+    // An image not yet admitted (queued, or over its quota) waits for the
+    // stage; only a processing one is in it.
+    else if (i === at) cls += img.status === "failed" ? " failed" : ["queued", "throttled"].includes(img.status) ? " waiting" : " here";
+    const title = cls.endsWith("waiting") ? "waiting for " + s : cls.endsWith("here") ? "in " + s : null;
+    return el("span", { class: cls, title }, s);
   }));
 }
 
@@ -93,8 +96,13 @@ function render(job) {
   const status = document.getElementById("job-status");
   status.textContent = job.status;
   status.className = "status-" + job.status;
+  // The start estimate, while nothing has started and the pipeline has
+  // measured its throughput.
+  const est = job.estimated_start;
+  const wait = est ? Math.round((est.start_ms - Date.now()) / 1000) : null;
+  const start = est ? (wait > 1 ? `; expected to start in about ${wait} s` : "; starting now") : "";
   document.getElementById("job-summary").textContent =
-    `${job.completed} of ${job.total} done, ${job.failed} failed, ${job.skipped} skipped`;
+    `${job.completed} of ${job.total} done, ${job.failed} failed, ${job.skipped} skipped${start}`;
   const body = document.getElementById("images");
   body.replaceChildren(...job.images.map((img) => el("tr", { class: "image-row", "data-status": img.status },
     el("td", {}, img.index + 1),
