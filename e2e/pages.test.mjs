@@ -161,3 +161,24 @@ test("the dashboard shows the pipeline live, and dead letters can be deleted", a
   assert.deepEqual(errors, []);
   await page.close();
 });
+
+// Last: its dead letter would be counted by the dashboard's test.
+test("a vendor submits an image by URL; one that cannot be fetched fails with the reason", async () => {
+  const page = await browser.newPage();
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  await page.goto(BASE + "/");
+  await page.fill("#api-key", VENDOR_KEY);
+  await page.dispatchEvent("#api-key", "change");
+  await page.fill("#urls", "https://no-such-host.invalid/photos/sku-9.jpg");
+  await page.click("#submit");
+  await page.waitForSelector("#job-section:not([hidden])");
+  await page.waitForFunction(() => document.querySelector("#job-status").textContent === "failed", null, {
+    timeout: 60_000,
+  });
+  const row = await page.$(".image-row");
+  assert.equal(await row.$eval("td:nth-child(2)", (e) => e.textContent), "sku-9");
+  assert.match(await row.$eval(".error", (e) => e.textContent), /does not resolve/);
+  assert.deepEqual(errors, []);
+  await page.close();
+});

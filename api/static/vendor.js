@@ -39,19 +39,28 @@ document.getElementById("submit").addEventListener("click", async () => {
   const error = document.getElementById("submit-error");
   error.textContent = "";
   if (!apiKey()) { error.textContent = "Enter your API key first."; return; }
-  if (!files.length) { error.textContent = "Choose at least one image."; return; }
+  const urls = document.getElementById("urls").value.split(/\s+/).filter((u) => u);
+  if (!files.length && !urls.length) { error.textContent = "Choose at least one image, or give its URL."; return; }
   const ops = operations();
   if (!ops.length) { error.textContent = "Pick at least one operation."; return; }
-  const form = new FormData();
-  form.append("operations", ops.join(","));
-  files.forEach((f, i) => {
-    form.append("images", f, f.name);
-    form.append("record_id", recordId(f.name, i));
-  });
+  // Files go as multipart; URLs (when no file is chosen) as JSON.
+  let request;
+  if (files.length) {
+    const form = new FormData();
+    form.append("operations", ops.join(","));
+    files.forEach((f, i) => {
+      form.append("images", f, f.name);
+      form.append("record_id", recordId(f.name, i));
+    });
+    request = { key: apiKey(), method: "POST", body: form };
+  } else {
+    const images = urls.map((url, i) => ({ url, record_id: recordId(url.split(/[?#]/)[0].split("/").pop() || "", i) }));
+    request = { key: apiKey(), method: "POST", json: { operations: ops, images } };
+  }
   const button = document.getElementById("submit");
   button.disabled = true;
   try {
-    const job = await api("/api/image-queue/jobs", { key: apiKey(), method: "POST", body: form });
+    const job = await api("/api/image-queue/jobs", request);
     follow(job.job_id);
   } catch (e) {
     error.textContent = e.message;
