@@ -144,9 +144,13 @@ enum BenchWhat {
         /// Resize's concurrency.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
-        /// Fair scheduling's admission window.
-        #[arg(long, default_value_t = 8)]
+        /// The fixed admission window the sized one is compared with.
+        #[arg(long, default_value_t = 32)]
         window: u64,
+        /// Real resize work on generated 2000–4000-pixel JPEGs instead of
+        /// `--work-ms` of synthetic work.
+        #[arg(long)]
+        real: bool,
     },
 }
 
@@ -346,6 +350,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     work_ms,
                     concurrency,
                     window,
+                    real,
                 } => {
                     bench::fairness(bench::FairnessArgs {
                         redis_url: config.redis_url.clone(),
@@ -353,6 +358,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         work: std::time::Duration::from_millis(work_ms),
                         concurrency: concurrency.max(1),
                         window: window.max(1),
+                        real,
                     })
                     .await
                 }
