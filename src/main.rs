@@ -5,6 +5,7 @@
 //! times as a hot stage needs; the rest are operator tools.
 
 mod bench;
+mod bench_window;
 mod config;
 mod ops;
 
@@ -151,6 +152,20 @@ enum BenchWhat {
         /// `--work-ms` of synthetic work.
         #[arg(long)]
         real: bool,
+    },
+    /// A backlog through a bottleneck of two workers; one is killed, later
+    /// one added: the admission window over time and how fast it settles;
+    /// prints one JSON line.
+    Window {
+        /// Milliseconds the bottleneck spends on each image.
+        #[arg(long, default_value_t = 50)]
+        work_ms: u64,
+        /// Each bottleneck worker's concurrency.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds of each phase: two workers, one killed, one added.
+        #[arg(long, default_value_t = 15)]
+        phase_s: u64,
     },
 }
 
@@ -342,6 +357,19 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         rate,
                         concurrency,
                         window,
+                    })
+                    .await
+                }
+                BenchWhat::Window {
+                    work_ms,
+                    concurrency,
+                    phase_s,
+                } => {
+                    bench_window::window(bench_window::WindowArgs {
+                        redis_url: config.redis_url.clone(),
+                        work: std::time::Duration::from_millis(work_ms.max(1)),
+                        concurrency: concurrency.max(1),
+                        phase: std::time::Duration::from_secs(phase_s.max(5)),
                     })
                     .await
                 }

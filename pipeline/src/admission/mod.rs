@@ -68,10 +68,10 @@ impl WindowSettings {
         }
     }
 
-    /// The window before anything is measured.
+    /// The window before any worker has reported.
     fn initial(&self) -> u64 {
         if self.adaptive {
-            self.ceiling.min(32)
+            self.ceiling.min(8)
         } else {
             self.ceiling
         }
@@ -94,7 +94,7 @@ pub struct Admission {
 impl Admission {
     pub fn new(p: Pipeline, settings: WindowSettings, quotas: BTreeMap<String, u64>, quota_window_ms: u64) -> Self {
         let reason = if settings.adaptive {
-            "nothing measured yet: the initial window".to_string()
+            "no worker has reported yet: the initial window".to_string()
         } else {
             "fixed (admission_adaptive = false)".to_string()
         };
@@ -126,7 +126,9 @@ impl Admission {
                 ceiling: self.settings.ceiling,
                 target_ms: self.settings.target_ms,
             };
-            if let Some(choice) = window::choose(&window::loads(&beats, now_ms()), policy) {
+            let now = now_ms();
+            let measured = window::choose(&window::loads(&beats, now), policy);
+            if let Some(choice) = measured.or_else(|| window::unmeasured(&beats, now, self.settings.ceiling)) {
                 self.window.store(choice.window, Ordering::Relaxed);
                 *self.reason.lock().unwrap() = choice.reason;
             }

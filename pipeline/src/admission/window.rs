@@ -95,8 +95,29 @@ pub fn loads(beats: &[Heartbeat], now_ms: u64) -> BTreeMap<StageName, StageLoad>
         .collect()
 }
 
+/// Before anything is measured: twice the live slots of the stage with the
+/// fewest (the likeliest bottleneck), so its slots can all be busy without
+/// burying a newcomer under the ceiling; `None` when no worker of a
+/// downstream stage is live.
+pub fn unmeasured(beats: &[Heartbeat], now_ms: u64, ceiling: u64) -> Option<WindowChoice> {
+    let mut slots: BTreeMap<StageName, u64> = BTreeMap::new();
+    for b in beats {
+        let Some(stage) = StageName::parse(&b.stage) else {
+            continue;
+        };
+        if stage != StageName::RateCheck && now_ms.saturating_sub(b.last_seen_ms) <= LIVE_MS {
+            *slots.entry(stage).or_default() += b.concurrency as u64;
+        }
+    }
+    let (stage, fewest) = slots.into_iter().min_by_key(|(_, n)| *n)?;
+    Some(WindowChoice {
+        window: (fewest * 2).clamp(1, ceiling.max(1)),
+        reason: format!("nothing measured yet: twice the live slots of {stage} ({fewest})"),
+    })
+}
+
 /// The window for these stage loads, or `None` when nothing is measured
-/// yet (then the dispatcher keeps the window it has).
+/// yet.
 pub fn choose(loads: &BTreeMap<StageName, StageLoad>, policy: WindowPolicy) -> Option<WindowChoice> {
     let (bottleneck, slowest) = loads
         .iter()
@@ -208,6 +229,13 @@ mod tests {
         assert_eq!(c.window, 8);
         assert!(c.reason.contains("capped"), "{}", c.reason);
         assert_eq!(choose(&loads(&[], 100_000), POLICY), None);
+        // Before any measurement: twice the fewest live slots of a stage.
+        let mut fresh = [beat("resize", 5, 10.0), beat("upload", 64, 1.0)];
+        for b in &mut fresh {
+            b.service_ms = None;
+            b.capacity_per_s = None;
+        }
+        assert_eq!(unmeasured(&fresh, 100_000, 1_000).unwrap().window, 10);
         // An idle stage's old figures do not count.
         let mut idle = beat("resize", 4, 10.0);
         idle.last_handled_ms = 100_000 - ACTIVE_MS - 1;
