@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Fairness: vendor A submits a backlog, then vendor B one image. B's latency
-# alone and behind A's backlog, with fair scheduling and on a plain FIFO
-# (admission window 0), on one private redis-server; rounds repeated and
+# alone and behind A's backlog, with the sized admission window, a fixed one
+# and on a plain FIFO, on one private redis-server; rounds repeated and
 # medians reported, because the machine is shared.
 #
 # usage: benches/fairness.sh [rounds] [image-queue bench fairness flags...]
-#        (default 3 rounds; flags e.g. --backlog 2000 --work-ms 25 --window 8)
+#        (default 3 rounds; flags e.g. --backlog 2000 --work-ms 25 --window 32, or --real)
 # IQ_BINARY picks the binary (default: a release build, built here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,10 +31,12 @@ import json, statistics, sys
 runs = [json.loads(a) for a in sys.argv[1:]]
 def med(mode, k): return statistics.median(r[mode][k] for r in runs)
 r0 = runs[0]
-print(f"vendor A's backlog: {r0['backlog']} images; resize {r0['work_ms']:.0f} ms an image, concurrency {r0['concurrency']}")
-print(f"{'':34}{'B alone ms':>12}{'B behind A ms':>15}{'ratio':>8}{'A done meanwhile':>18}")
-for mode, name in [("fair", f"fair (admission window {r0['fair']['window']})"), ("fifo", "plain FIFO (window 0)")]:
-    print(f"{name:34}{med(mode,'alone_ms'):>12.0f}{med(mode,'behind_ms'):>15.0f}{med(mode,'ratio'):>7.1f}x{med(mode,'backlog_done'):>18.0f}")
-print(f"FIFO / fair, B behind the backlog: {statistics.median(r['fifo_over_fair'] for r in runs):.0f}x")
+print(f"vendor A's backlog: {r0['backlog']} images; resize: {r0['work']}, concurrency {r0['concurrency']}")
+print(f"{'':30}{'window':>8}{'B alone ms':>12}{'B behind A ms':>15}{'ratio':>8}{'A img/s':>9}{'A done':>8}")
+for mode, name in [("sized", "sized window (default)"), ("fixed", "fixed window"), ("fifo", "plain FIFO")]:
+    print(f"{name:30}{med(mode,'window'):>8.0f}{med(mode,'alone_ms'):>12.0f}{med(mode,'behind_ms'):>15.0f}{med(mode,'ratio'):>7.1f}x{med(mode,'a_images_per_s'):>9.1f}{med(mode,'backlog_done'):>8.0f}")
+print(f"FIFO / sized, B behind the backlog: {statistics.median(r['fifo_over_sized'] for r in runs):.0f}x")
+print(f"A's throughput, sized / fixed window: {statistics.median(r['sized_over_fixed_throughput'] for r in runs):.2f}")
+print(f"sized window's reason (round 1): {r0['sized']['window_reason']}")
 print(f"medians of {len(runs)} rounds")
 PY

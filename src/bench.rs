@@ -174,6 +174,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
                         record_id: "r".into(),
                     }],
                     idempotency_key: None,
+                    fingerprint: None,
                     traceparent: None,
                 })
                 .await?;
@@ -208,7 +209,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Removes every key the run made.
-async fn cleanup(p: &Pipeline, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn cleanup(p: &Pipeline, prefix: &str) -> anyhow::Result<()> {
     let mut conn = p.conn.clone();
     let mut cursor: u64 = 0;
     loop {
@@ -234,17 +235,35 @@ pub struct FairnessArgs {
     pub redis_url: String,
     /// Vendor A's backlog, in images (jobs of 100).
     pub backlog: usize,
-    /// What the resize stage spends on each image.
+    /// What the resize stage spends on each image (synthetic work).
     pub work: Duration,
     /// Resize's concurrency.
     pub concurrency: usize,
-    /// Fair scheduling's admission window.
+    /// The fixed admission window to compare the sized one with.
     pub window: u64,
+    /// Real resize work on generated 2000–4000-pixel JPEGs instead of a
+    /// synthetic delay.
+    pub real: bool,
+}
+
+/// How admission is run in one measurement.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Admission {
+    /// The window sizes itself (the default).
+    Sized,
+    /// A fixed window.
+    Fixed(u64),
+    /// No fair scheduling: one FIFO.
+    Fifo,
 }
 
 #[derive(Serialize)]
 struct FairnessRun {
+    admission: Admission,
+    /// The window in force when B was submitted.
     window: u64,
+    window_reason: String,
     /// B's one image with nothing else queued.
     alone_ms: f64,
     /// B's one image submitted right after A's backlog.
@@ -252,42 +271,128 @@ struct FairnessRun {
     ratio: f64,
     /// A's images done when B's finished.
     backlog_done: u64,
+    /// A's images finished per second, its whole backlog from its first
+    /// submit to its last image.
+    a_images_per_s: f64,
 }
 
 #[derive(Serialize)]
 struct FairnessResult {
     backlog: usize,
-    work_ms: f64,
+    work: String,
     concurrency: usize,
-    fair: FairnessRun,
+    sized: FairnessRun,
+    fixed: FairnessRun,
     fifo: FairnessRun,
     /// How much longer B waits behind the backlog on a FIFO than with
-    /// fair scheduling.
-    fifo_over_fair: f64,
+    /// the sized window.
+    fifo_over_sized: f64,
+    /// A's throughput with the sized window over a fixed one's.
+    sized_over_fixed_throughput: f64,
 }
 
 /// Vendor A submits `backlog` images, then vendor B submits one; B's
-/// latency against B alone, with fair scheduling and then on a plain FIFO.
+/// latency against B alone, with the sized window, a fixed one and on a
+/// plain FIFO.
 pub async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
-    let fair = fairness_run(&args, args.window).await?;
-    let fifo = fairness_run(&args, 0).await?;
+    let sources = if args.real {
+        real_sources(&args.redis_url).await?
+    } else {
+        None
+    };
+    let sized = fairness_run(&args, Admission::Sized, sources.as_ref()).await?;
+    let fixed = fairness_run(&args, Admission::Fixed(args.window), sources.as_ref()).await?;
+    let fifo = fairness_run(&args, Admission::Fifo, sources.as_ref()).await?;
     let result = FairnessResult {
         backlog: args.backlog,
-        work_ms: args.work.as_secs_f64() * 1000.0,
+        work: if args.real {
+            "real resize of 2000-4000 px JPEGs".into()
+        } else {
+            format!("{} ms per image", args.work.as_millis())
+        },
         concurrency: args.concurrency,
-        fifo_over_fair: fifo.behind_ms / fair.behind_ms,
-        fair,
+        fifo_over_sized: fifo.behind_ms / sized.behind_ms,
+        sized_over_fixed_throughput: sized.a_images_per_s / fixed.a_images_per_s.max(f64::MIN_POSITIVE),
+        sized,
+        fixed,
         fifo,
     };
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
-async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<FairnessRun> {
-    let (p, prefix, _blobs_dir) = connect(&args.redis_url).await?;
+/// Generated photographs (noise over gradients, 2000 to 4000 pixels wide)
+/// in a blob directory of their own, which every image of the run reads.
+struct RealSources {
+    dir: tempfile::TempDir,
+    keys: Vec<String>,
+}
+
+async fn real_sources(_redis_url: &str) -> anyhow::Result<Option<RealSources>> {
+    let dir = tempfile::tempdir()?;
+    let store = LocalBlobStore::new(dir.path())?;
+    let mut keys = Vec::new();
+    for (k, (w, h)) in [(2000u32, 1500u32), (2400, 1600), (3000, 2000), (4000, 3000)]
+        .into_iter()
+        .enumerate()
+    {
+        let jpeg = tokio::task::spawn_blocking(move || photo_jpeg(w, h, k as u32)).await??;
+        let key = format!("bench-sources/{k}/original");
+        image_queue_pipeline::BlobStore::put(&store, &key, jpeg.into()).await?;
+        keys.push(key);
+    }
+    Ok(Some(RealSources { dir, keys }))
+}
+
+/// A photograph-like JPEG: smooth gradients with noise, so it neither
+/// compresses to nothing nor decodes trivially.
+fn photo_jpeg(w: u32, h: u32, seed: u32) -> anyhow::Result<Vec<u8>> {
+    let mut state = 0x9e37_79b9u32 ^ seed.wrapping_mul(0x85eb_ca6b);
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let n = (state & 0x3f) as i32 - 32;
+        let r = (x * 255 / w) as i32 + n;
+        let g = (y * 255 / h) as i32 + n;
+        let b = ((x + y) * 255 / (w + h)) as i32 + n;
+        image::Rgb([r.clamp(0, 255) as u8, g.clamp(0, 255) as u8, b.clamp(0, 255) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85).encode_image(&img)?;
+    Ok(out)
+}
+
+async fn fairness_run(
+    args: &FairnessArgs,
+    admission: Admission,
+    sources: Option<&RealSources>,
+) -> anyhow::Result<FairnessRun> {
+    let (p, prefix, blobs_dir) = match sources {
+        // Real work reads the generated photographs: the run's blobs live
+        // beside them.
+        Some(src) => {
+            let prefix = format!("bench-{:08x}", rand::random::<u32>());
+            let blobs = Arc::new(LocalBlobStore::new(src.dir.path())?);
+            let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
+                .await
+                .context("connecting to Redis")?;
+            (p, prefix, None)
+        }
+        None => {
+            let (p, prefix, dir) = connect(&args.redis_url).await?;
+            (p, prefix, Some(dir))
+        }
+    };
+    let _blobs_dir = blobs_dir;
     let jobs = JobStore::new(p.clone(), 3600);
     let shutdown = CancellationToken::new();
     let mut runners = tokio::task::JoinSet::new();
+    let (window, adaptive) = match admission {
+        Admission::Sized => (1_000, true),
+        Admission::Fixed(n) => (n, false),
+        Admission::Fifo => (0, false),
+    };
     for name in [
         StageName::RateCheck,
         StageName::Resize,
@@ -297,26 +402,47 @@ async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<Fairne
         // The other stages take a burst in a few reads, as rate-check does
         // by default (see config.rs): a FIFO in front of fair admission
         // that passed A's burst four images at a time would bury B there.
-        let (work, concurrency) = if name == StageName::Resize {
-            (args.work, args.concurrency)
+        let concurrency = if name == StageName::Resize {
+            args.concurrency
         } else {
-            (Duration::ZERO, 256)
+            256
         };
         let cfg = RunnerConfig {
             concurrency,
             read_block_ms: 100,
             admission_window: window,
+            admission_adaptive: adaptive,
             ..RunnerConfig::default()
         };
-        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name, work)), cfg);
+        let stage: Arc<dyn Stage> = match (name, sources) {
+            (StageName::Resize, Some(_)) => {
+                let ctx = image_queue_stages::StageContext {
+                    blobs: p.blobs.clone(),
+                    fetcher: Arc::new(
+                        image_queue_stages::FetchConfig::default()
+                            .build()
+                            .map_err(anyhow::Error::msg)?,
+                    ),
+                };
+                Arc::new(
+                    image_queue_stages::ResizeConfig::default()
+                        .build(ctx, image_queue_stages::decode::DecodeLimits::default()),
+                )
+            }
+            (StageName::Resize, None) => Arc::new(Noop(name, args.work)),
+            _ => Arc::new(Noop(name, Duration::ZERO)),
+        };
+        let runner = StageRunner::new(p.clone(), stage, cfg);
         let s = shutdown.clone();
         runners.spawn(async move { runner.run(s).await });
     }
     let mut pubsub = p.client.get_async_pubsub().await?;
     pubsub.subscribe(p.keys.finished_channel()).await?;
     let mut finished = pubsub.into_on_message();
+    let source_keys: Option<Vec<String>> = sources.map(|s| s.keys.clone());
     let submit = |vendor: &'static str, images: usize| {
         let jobs = jobs.clone();
+        let source_keys = source_keys.clone();
         async move {
             let id = NewJob::new_id();
             jobs.submit(NewJob {
@@ -325,11 +451,15 @@ async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<Fairne
                 operations: vec![Operation::Resize],
                 images: (0..images)
                     .map(|i| NewImage {
-                        source: Source::Url(format!("https://bench.invalid/{i}.jpg")),
+                        source: match &source_keys {
+                            Some(keys) => Source::Blob(keys[i % keys.len()].clone()),
+                            None => Source::Url(format!("https://bench.invalid/{i}.jpg")),
+                        },
                         record_id: format!("r{i}"),
                     })
                     .collect(),
                 idempotency_key: None,
+                fingerprint: None,
                 traceparent: None,
             })
             .await?;
@@ -355,17 +485,45 @@ async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<Fairne
             .context("B's image did not finish within 10 minutes")?
     }
 
-    let started = Instant::now();
-    let b = submit("vendor-b", 1).await?;
-    until_finished(&mut finished, &b).await?;
-    let alone = started.elapsed();
+    // B alone, twice: the first warms the stages (and the window's
+    // measurements) up.
+    let mut alone = Duration::ZERO;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let b = submit("vendor-b", 1).await?;
+        until_finished(&mut finished, &b).await?;
+        alone = started.elapsed();
+    }
 
+    // A running system has sized its window by now; give the heartbeats
+    // that long here too (a cold start is `bench window`'s subject).
+    if matches!(admission, Admission::Sized) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let w = image_queue_pipeline::admission::published_window(&p).await?;
+            if w.is_some_and(|w| w.reason.starts_with("bottleneck")) || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let a_started = Instant::now();
     let mut backlog = Vec::new();
     let mut left = args.backlog;
     while left > 0 {
         let n = left.min(100);
         backlog.push(submit("vendor-a", n).await?);
         left -= n;
+    }
+    // The sized window needs the stages' heartbeats to have measured
+    // something: wait for it (A's backlog drains meanwhile, as it would).
+    let mut in_force = image_queue_pipeline::admission::published_window(&p).await?;
+    if matches!(admission, Admission::Sized) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !in_force.as_ref().is_some_and(|w| w.reason.starts_with("bottleneck")) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            in_force = image_queue_pipeline::admission::published_window(&p).await?;
+        }
     }
     let started = Instant::now();
     let b = submit("vendor-b", 1).await?;
@@ -375,11 +533,34 @@ async fn fairness_run(args: &FairnessArgs, window: u64) -> anyhow::Result<Fairne
     for id in &backlog {
         backlog_done += jobs.get(None, id).await?.map(|j| j.completed).unwrap_or(0) as u64;
     }
+    // A's throughput: its whole backlog, from its first submit to its
+    // last image (what fairness must not cost).
+    loop {
+        let mut open = 0;
+        for id in &backlog {
+            if !jobs.get(None, id).await?.is_some_and(|j| j.is_terminal()) {
+                open += 1;
+            }
+        }
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_elapsed = a_started.elapsed();
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
     cleanup(&p, &prefix).await?;
+    let (window, window_reason) = match (admission, in_force) {
+        (Admission::Fifo, _) => (0, "plain FIFO".to_string()),
+        (_, Some(w)) => (w.window, w.reason),
+        (_, None) => (window, "fixed".to_string()),
+    };
     Ok(FairnessRun {
+        admission,
         window,
+        window_reason,
+        a_images_per_s: args.backlog as f64 / a_elapsed.as_secs_f64(),
         alone_ms: alone.as_secs_f64() * 1000.0,
         behind_ms: behind.as_secs_f64() * 1000.0,
         ratio: behind.as_secs_f64() / alone.as_secs_f64(),

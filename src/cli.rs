@@ -117,8 +117,8 @@ pub enum BenchWhat {
         window: u64,
     },
     /// Vendor A submits a backlog, then vendor B one image: B's latency
-    /// against B alone, with fair scheduling and on a plain FIFO; prints
-    /// one JSON line.
+    /// against B alone, with the sized admission window, a fixed one and on
+    /// a plain FIFO, and A's throughput; prints one JSON line.
     Fairness {
         /// Vendor A's backlog, in images.
         #[arg(long, default_value_t = 2_000)]
@@ -129,9 +129,27 @@ pub enum BenchWhat {
         /// Resize's concurrency.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
-        /// Fair scheduling's admission window.
-        #[arg(long, default_value_t = 8)]
+        /// The fixed admission window the sized one is compared with.
+        #[arg(long, default_value_t = 32)]
         window: u64,
+        /// Real resize work on generated 2000–4000-pixel JPEGs instead of
+        /// `--work-ms` of synthetic work.
+        #[arg(long)]
+        real: bool,
+    },
+    /// A backlog through a bottleneck of two workers; one is killed, later
+    /// one added: the admission window over time and how fast it settles;
+    /// prints one JSON line.
+    Window {
+        /// Milliseconds the bottleneck spends on each image.
+        #[arg(long, default_value_t = 50)]
+        work_ms: u64,
+        /// Each bottleneck worker's concurrency.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Seconds of each phase: two workers, one killed, one added.
+        #[arg(long, default_value_t = 15)]
+        phase_s: u64,
     },
 }
 

@@ -11,6 +11,7 @@
 //! `signals`.
 
 mod bench;
+mod bench_window;
 mod cli;
 mod compose;
 mod config;
@@ -153,11 +154,25 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     })
                     .await
                 }
+                BenchWhat::Window {
+                    work_ms,
+                    concurrency,
+                    phase_s,
+                } => {
+                    bench_window::window(bench_window::WindowArgs {
+                        redis_url: config.redis_url.clone(),
+                        work: std::time::Duration::from_millis(work_ms.max(1)),
+                        concurrency: concurrency.max(1),
+                        phase: std::time::Duration::from_secs(phase_s.max(5)),
+                    })
+                    .await
+                }
                 BenchWhat::Fairness {
                     backlog,
                     work_ms,
                     concurrency,
                     window,
+                    real,
                 } => {
                     bench::fairness(bench::FairnessArgs {
                         redis_url: config.redis_url.clone(),
@@ -165,6 +180,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         work: std::time::Duration::from_millis(work_ms),
                         concurrency: concurrency.max(1),
                         window: window.max(1),
+                        real,
                     })
                     .await
                 }

@@ -98,6 +98,9 @@ pub fn table(s: &PipelineStats) -> String {
         ));
     }
     out.push('\n');
+    if let Some(a) = &s.admission {
+        out.push_str(&format!("Admission window: {} images ({})\n", a.window, a.reason));
+    }
     let advice: Vec<&str> = s.stages.iter().filter_map(|st| st.advice.as_deref()).collect();
     if advice.is_empty() {
         out.push_str("Every stage keeps up.\n");

@@ -14,6 +14,11 @@ use image_queue_pipeline::{Operation, StageName};
 use tokio::process::{Child, Command};
 
 fn worker(env: &TestEnv, stage: StageName, concurrency: usize) -> Child {
+    worker_with(env, stage, concurrency, &[])
+}
+
+/// A worker process with extra `IMAGE_QUEUE_*` settings (later ones win).
+fn worker_with(env: &TestEnv, stage: StageName, concurrency: usize, settings: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_image-queue"))
         .args([
             "worker",
@@ -30,6 +35,7 @@ fn worker(env: &TestEnv, stage: StageName, concurrency: usize) -> Child {
         .env("IMAGE_QUEUE_PIPELINE__READ_BLOCK_MS", "200")
         .env("IMAGE_QUEUE_PIPELINE__SHUTDOWN_GRACE_MS", "10000")
         .env("RUST_LOG", "warn")
+        .envs(settings.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -141,4 +147,81 @@ async fn sigterm_during_load_loses_nothing_and_exits_zero() {
     for c in &mut others {
         c.kill().await.ok();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_workers_whole_pending_list_comes_back_within_the_idle_time() {
+    let env = TestEnv::start(Fsync::Off).await;
+    // Plain FIFO, so 64 entries can be in one worker's hands at once, and
+    // the production reclaim period: what is measured is how many entries
+    // a reclaim takes back, not how often it looks.
+    let settings = [
+        ("IMAGE_QUEUE_PIPELINE__ADMISSION_WINDOW", "0"),
+        ("IMAGE_QUEUE_PIPELINE__RECLAIM_EVERY_MS", "2000"),
+    ];
+    let mut others: Vec<Child> = [StageName::RateCheck, StageName::Upload, StageName::DbCommit]
+        .into_iter()
+        .map(|s| worker_with(&env, s, 64, &settings))
+        .collect();
+    let mut victim = worker_with(&env, StageName::Resize, 64, &settings);
+    let ids = env.submit("vendor-a", 32, 2, &[Operation::Resize], 400).await;
+    let pid = victim.id().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pending_of(&env, StageName::Resize, pid).await < 64 {
+        assert!(Instant::now() < deadline, "the worker never held 64 entries");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The survivor joins with nothing left to read: what it gets is the
+    // victim's.
+    let mut survivor = worker_with(&env, StageName::Resize, 64, &settings);
+    signal(&victim, libc::SIGKILL);
+    let killed = Instant::now();
+    victim.wait().await.unwrap();
+    let orphaned = pending_of(&env, StageName::Resize, pid).await;
+    // claim_idle_ms is 1.5 s here; the whole pending list must be back in
+    // a live consumer's hands well within 5 s after that.
+    let bound = Duration::from_millis(1_500) + Duration::from_secs(5);
+    while pending_of(&env, StageName::Resize, pid).await > 0 {
+        assert!(
+            killed.elapsed() < bound,
+            "{} of {orphaned} orphaned entries still not reclaimed {:.1?} after the kill",
+            pending_of(&env, StageName::Resize, pid).await,
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reclaimed_after = killed.elapsed();
+    assert_all_committed_once(&env, &ids, 2).await;
+    println!(
+        "kill -9 with {orphaned} entries in flight: all reclaimed {reclaimed_after:.2?} after the kill (claim idle 1.5 s), all 64 images done {:.2?} after it",
+        killed.elapsed()
+    );
+    survivor.kill().await.ok();
+    for c in &mut others {
+        c.kill().await.ok();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_redis_gone_exits_within_the_grace_period() {
+    let mut env = TestEnv::start(Fsync::Off).await;
+    let settings = [("IMAGE_QUEUE_PIPELINE__SHUTDOWN_GRACE_MS", "3000")];
+    let mut resize = worker_with(&env, StageName::Resize, 3, &settings);
+    let mut rate_check = worker_with(&env, StageName::RateCheck, 3, &settings);
+    env.submit("vendor-a", 10, 3, &[Operation::Resize], 900).await;
+    wait_until_pending(&env, StageName::Resize, resize.id().unwrap()).await;
+    env.redis.kill().await.unwrap();
+    signal(&resize, libc::SIGTERM);
+    let stopping = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(60), resize.wait())
+        .await
+        .expect("the worker exits even with Redis gone")
+        .unwrap();
+    let took = stopping.elapsed();
+    println!("SIGTERM with Redis gone: exited after {took:.2?} (grace 3 s), {status:?}");
+    assert!(
+        took < Duration::from_secs(3 + 5),
+        "took {took:.1?} to exit with a grace period of 3 s"
+    );
+    rate_check.kill().await.ok();
 }

@@ -279,6 +279,7 @@ pub async fn submit(
             operations,
             images,
             idempotency_key,
+            fingerprint: None,
             traceparent: headers
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())

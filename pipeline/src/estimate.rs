@@ -112,7 +112,8 @@ pub async fn snapshot(
     pipe.llen(keys.vendor_queue(vendor))
         .lrange(keys.vendor_ring(), 0, -1)
         .hgetall(keys.vendor_weights())
-        .get(keys.admitted());
+        .get(keys.admitted())
+        .hget(keys.admission(), "window");
     for back in 0..6 {
         pipe.hget(keys.counters_minute(StageName::DbCommit, minute - back), "processed");
     }
@@ -142,6 +143,7 @@ pub async fn snapshot(
         Vec<String>,
         HashMap<String, u64>,
         Option<u64>,
+        Option<u64>,
         Vec<Option<u64>>,
         Vec<(u64, Vec<(String, u64)>)>,
     );
@@ -153,6 +155,7 @@ pub async fn snapshot(
         redis::from_redis_value(next())?,
         redis::from_redis_value(next())?,
         redis::from_redis_value(next())?,
+        redis::from_redis_value(next()).unwrap_or(None),
         (0..6)
             .map(|_| redis::from_redis_value(next()).unwrap_or(None))
             .collect(),
@@ -165,7 +168,13 @@ pub async fn snapshot(
             })
             .collect(),
     );
-    let (queued_ahead, ring, weights, admitted, minutes, quota_logs) = reply;
+    let (queued_ahead, ring, weights, admitted, published_window, minutes, quota_logs) = reply;
+    // The window the dispatcher sized for itself, when one runs.
+    let window = if window > 0 {
+        published_window.unwrap_or(window)
+    } else {
+        window
+    };
     let processed: Vec<f64> = minutes.iter().map(|m| m.unwrap_or(0) as f64).collect();
     let frac = (now % 60_000) as f64 / 60_000.0;
     let last_minute = if processed[1..].iter().all(|p| *p == 0.0) {

@@ -28,6 +28,11 @@ pub struct NewJob {
     pub operations: Vec<Operation>,
     pub images: Vec<NewImage>,
     pub idempotency_key: Option<String>,
+    /// A digest of what the request asked for (operations, record ids,
+    /// sources), kept with the idempotency key: a retry carrying the same
+    /// key but another request is told so instead of being answered with
+    /// the earlier job.
+    pub fingerprint: Option<String>,
     pub traceparent: Option<String>,
 }
 
@@ -43,6 +48,36 @@ pub struct Submitted {
     pub job_id: String,
     /// False when the idempotency key named an earlier job.
     pub created: bool,
+    /// The earlier job's request, when the key named one, had another
+    /// fingerprint than this one.
+    pub conflicting: bool,
+}
+
+/// What an idempotency key recorded: the job it made and the fingerprint
+/// of the request that made it ('' when none was given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierSubmit {
+    pub job_id: String,
+    pub fingerprint: String,
+}
+
+impl EarlierSubmit {
+    fn parse(value: &str) -> Self {
+        let (job_id, fingerprint) = value.split_once('\n').unwrap_or((value, ""));
+        EarlierSubmit {
+            job_id: job_id.to_string(),
+            fingerprint: fingerprint.to_string(),
+        }
+    }
+
+    /// Whether a request with `fingerprint` differs from the earlier one
+    /// (unknown on either side counts as the same).
+    pub fn conflicts_with(&self, fingerprint: Option<&str>) -> bool {
+        match fingerprint {
+            Some(f) => !self.fingerprint.is_empty() && self.fingerprint != f,
+            None => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -164,17 +199,17 @@ impl JobStore {
         let mut inv = self.p.scripts.submit.prepare_invoke();
         inv.key(keys.job(&job.id))
             .key(keys.stream(StageName::RateCheck))
-            .key(keys.vendor_jobs(&job.vendor))
-            .key(match &job.idempotency_key {
-                Some(k) => keys.idempotency(&job.vendor, k),
-                None => String::new(),
-            })
-            .arg(&job.id)
+            .key(keys.vendor_jobs(&job.vendor));
+        if let Some(k) = &job.idempotency_key {
+            inv.key(keys.idempotency(&job.vendor, k));
+        }
+        inv.arg(&job.id)
             .arg(&job.vendor)
             .arg(now)
             .arg(self.retention_secs)
             .arg(ops.join(","))
-            .arg(job.images.len());
+            .arg(job.images.len())
+            .arg(job.fingerprint.as_deref().unwrap_or(""));
         for (i, img) in job.images.iter().enumerate() {
             let event = ImageEvent {
                 v: EVENT_VERSION,
@@ -196,17 +231,25 @@ impl JobStore {
             inv.arg(&img.record_id).arg(event.to_json());
         }
         let mut conn = self.p.conn.clone();
-        let (job_id, created): (String, i64) = inv.invoke_async(&mut conn).await?;
+        let (job_id, created, fingerprint): (String, i64, String) = inv.invoke_async(&mut conn).await?;
+        let earlier = EarlierSubmit { job_id, fingerprint };
         Ok(Submitted {
-            job_id,
+            conflicting: created != 1 && earlier.conflicts_with(job.fingerprint.as_deref()),
+            job_id: earlier.job_id,
             created: created == 1,
         })
     }
 
     /// The job an earlier submit with this idempotency key made, if any.
     pub async fn idempotent_job(&self, vendor: &str, key: &str) -> redis::RedisResult<Option<String>> {
+        Ok(self.idempotent_submit(vendor, key).await?.map(|e| e.job_id))
+    }
+
+    /// What an earlier submit with this idempotency key recorded, if any.
+    pub async fn idempotent_submit(&self, vendor: &str, key: &str) -> redis::RedisResult<Option<EarlierSubmit>> {
         let mut conn = self.p.conn.clone();
-        conn.get(self.p.keys.idempotency(vendor, key)).await
+        let value: Option<String> = conn.get(self.p.keys.idempotency(vendor, key)).await?;
+        Ok(value.as_deref().map(EarlierSubmit::parse))
     }
 
     /// A job as its vendor sees it; `None` if it does not exist or belongs

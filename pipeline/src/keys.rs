@@ -95,6 +95,12 @@ impl Keys {
         format!("{}:admitted", self.base)
     }
 
+    /// Hash of the admission window the dispatcher chose, why, and when
+    /// (for stats; it expires if no dispatcher runs).
+    pub fn admission(&self) -> String {
+        format!("{}:admission", self.base)
+    }
+
     /// Sorted set logging the images a vendor's processing quota for one
     /// operation admitted, scored by the millisecond of admission.
     pub fn quota(&self, vendor: &str, operation: &str) -> String {

@@ -10,6 +10,7 @@
 //! Stages themselves (in the `image-queue-stages` crate) only implement
 //! [`Stage`]: they get an event, do their work and return the next event.
 
+pub mod admission;
 pub mod blob;
 pub mod context;
 pub mod dlq;

@@ -92,6 +92,11 @@ pub fn observe_handle(stage: StageName, took: Duration) {
     metrics::histogram!("image_queue_handle_seconds", "stage" => stage.as_str()).record(took.as_secs_f64());
 }
 
+/// The admission window the dispatcher in this process chose.
+pub fn admission_window(window: u64) {
+    metrics::gauge!("image_queue_admission_window").set(window as f64);
+}
+
 /// Counts one finished event in this process's metrics. Its Redis
 /// counters are kept by the script that finished it (`count_event` in
 /// `scripts/lib.lua`), which receives [`Counted::field`] and the keys.

@@ -10,10 +10,10 @@
 //! per runner and run as one script call per batch: whatever finished while
 //! the previous call was on its way goes in the next, so a busy stage pays
 //! one round trip (and one script) for many events and an idle one waits
-//! for no timer. Alongside, a maintenance
-//! loop promotes due retries, reclaims entries orphaned by dead consumers
-//! (`XAUTOCLAIM`), trims acknowledged entries, reaps idle consumers and
-//! publishes this worker's heartbeat.
+//! for no timer. Before it reads new entries, the reader takes back, with
+//! every free slot, entries orphaned by dead consumers (`XAUTOCLAIM`).
+//! Alongside, a maintenance loop promotes due retries, trims acknowledged
+//! entries, reaps idle consumers and publishes this worker's heartbeat.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::admission::{Admission, Reconciled, WindowSettings};
 pub use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::now_ms;
@@ -75,9 +76,20 @@ pub struct RunnerConfig {
     pub quota_window_ms: u64,
     /// Fair scheduling: at most this many images are in flight downstream
     /// of rate-check, admitted from vendors' queues in weighted round-robin.
-    /// Keep it near twice the slowest stage's total concurrency. 0 turns
-    /// fair scheduling off (plain FIFO).
+    /// With `admission_adaptive` (the default) this is a ceiling and the
+    /// window sizes itself from the workers' measurements; without it, the
+    /// window. 0 turns fair scheduling off (plain FIFO).
     pub admission_window: u64,
+    /// Size the admission window from what the workers measure (their live
+    /// slots and time per image), every second.
+    pub admission_adaptive: bool,
+    /// With an adaptive window: the most a vendor's first image should wait
+    /// behind images already admitted (less when the stages themselves take
+    /// less time per image).
+    pub admission_target_ms: u64,
+    /// How often rate-check corrects the admission counter from the true
+    /// count of images in flight downstream (logging any drift it repairs).
+    pub reconcile_every_ms: u64,
 }
 
 impl Default for RunnerConfig {
@@ -95,9 +107,12 @@ impl Default for RunnerConfig {
             dead_letter_max: 100_000,
             max_deliveries: 10,
             blob_ttl_ms: 2 * 86_400_000,
-            admission_window: 32,
+            admission_window: 1_000,
+            admission_adaptive: true,
+            admission_target_ms: 500,
             quotas: std::collections::BTreeMap::new(),
             quota_window_ms: 3_600_000,
+            reconcile_every_ms: 30_000,
         }
     }
 }
@@ -124,6 +139,16 @@ pub struct Heartbeat {
     pub concurrency: usize,
     pub in_flight: usize,
     pub last_seen_ms: u64,
+    /// Milliseconds an event spends in the handler, lately (none handled yet:
+    /// `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_ms: Option<f64>,
+    /// Events per second this worker can finish with all its slots busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity_per_s: Option<f64>,
+    /// When it last finished handling something.
+    #[serde(default)]
+    pub last_handled_ms: u64,
 }
 
 pub struct StageRunner {
@@ -141,6 +166,10 @@ pub struct StageRunner {
     /// Steps on their way to the finisher, which runs them in batches.
     finishing: mpsc::UnboundedSender<Finishing>,
     finishing_rx: Mutex<Option<mpsc::UnboundedReceiver<Finishing>>>,
+    /// The fair scheduler's calls (rate-check's quotas and dispatch).
+    admission: Admission,
+    /// How long this runner's handler takes, for the heartbeat.
+    service: Mutex<ServiceTime>,
 }
 
 /// Events finished in one script call, at most.
@@ -187,6 +216,17 @@ impl StageRunner {
         let (finishing, finishing_rx) = mpsc::unbounded_channel();
         Arc::new(StageRunner {
             stream: p.keys.stream(name),
+            admission: Admission::new(
+                p.clone(),
+                WindowSettings {
+                    ceiling: cfg.admission_window,
+                    adaptive: cfg.admission_adaptive,
+                    target_ms: cfg.admission_target_ms,
+                },
+                cfg.quotas.clone(),
+                cfg.quota_window_ms,
+            ),
+            service: Mutex::new(ServiceTime::default()),
             p,
             name,
             slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
@@ -219,6 +259,9 @@ impl StageRunner {
 
     /// Runs until `shutdown` is cancelled, then stops reading, lets in-flight
     /// work finish within the grace period and hands back what did not.
+    /// The whole stop takes the grace period at most, even with Redis gone:
+    /// what could not be finished or handed back stays pending, and a live
+    /// consumer reclaims it once it has been idle `claim_idle_ms`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunnerError> {
         ensure_group(&self.p, self.name).await?;
         info!(stage = %self.name, consumer = %self.consumer, concurrency = self.cfg.concurrency, "worker started");
@@ -235,6 +278,7 @@ impl StageRunner {
             .fair()
             .then(|| tokio::spawn(self.clone().dispatch_loop(shutdown.clone())));
         let mut reader = self.p.blocking_connection().await?;
+        let mut reclaim = Reclaimer::new(Duration::from_millis(self.cfg.reclaim_every_ms));
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -243,6 +287,23 @@ impl StageRunner {
             let mut permits = vec![first];
             while let Ok(p) = self.slots.clone().try_acquire_owned() {
                 permits.push(p);
+            }
+            // Orphaned entries come first, with every free slot: a dead
+            // consumer's whole pending list is taken back in a few rounds,
+            // not one entry per reclaim period.
+            if reclaim.due() {
+                match self.reclaim(&mut reclaim, permits.len()).await {
+                    Ok(fresh) if !fresh.is_empty() => {
+                        info!(stage = %self.name, count = fresh.len(), "reclaimed orphaned entries");
+                        self.dispatch(fresh, permits, &mut tasks);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        reclaim.scanned("0-0", false);
+                        debug!(stage = %self.name, error = %e, "reclaiming failed");
+                    }
+                }
             }
             // The read is not cancelled on shutdown: entries it returns are
             // already in our pending list and must be handed back, not lost.
@@ -268,8 +329,13 @@ impl StageRunner {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     }
-                    if let Ok(fresh) = self.p.blocking_connection().await {
-                        reader = fresh;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        fresh = self.p.blocking_connection() => {
+                            if let Ok(fresh) = fresh {
+                                reader = fresh;
+                            }
+                        }
                     }
                     continue;
                 }
@@ -283,8 +349,8 @@ impl StageRunner {
             while tasks.try_join_next().is_some() {}
         }
         info!(stage = %self.name, "stopping: finishing in-flight work");
-        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        let grace_end = tokio::time::Instant::now() + Duration::from_millis(self.cfg.shutdown_grace_ms);
+        if tokio::time::timeout_at(grace_end, async { while tasks.join_next().await.is_some() {} })
             .await
             .is_err()
         {
@@ -294,15 +360,20 @@ impl StageRunner {
             warn!(stage = %self.name, abandoned = left.len(), "grace period over; handing back unfinished entries");
             self.release(left).await;
         }
-        maintenance.await.ok();
         renew_stop.cancel();
-        renewer.await.ok();
-        finisher.await.ok();
-        if let Some(d) = dispatcher {
-            d.await.ok();
+        // The helpers stop at once when Redis answers; when it does not, they
+        // are not waited for past the grace period (nothing they hold is lost:
+        // unacknowledged entries stay pending).
+        let helpers = [Some(maintenance), Some(renewer), Some(finisher), dispatcher];
+        for mut h in helpers.into_iter().flatten() {
+            let last_call = grace_end.max(tokio::time::Instant::now() + Duration::from_millis(100));
+            if tokio::time::timeout_at(last_call, &mut h).await.is_err() {
+                h.abort();
+            }
         }
         let mut conn = self.p.conn.clone();
-        let _: redis::RedisResult<()> = conn.hdel(self.p.keys.workers(), &self.consumer).await;
+        let bye = conn.hdel::<_, _, ()>(self.p.keys.workers(), &self.consumer);
+        tokio::time::timeout(Duration::from_secs(1), bye).await.ok();
         info!(stage = %self.name, handled = self.handled.load(Ordering::Relaxed), "worker stopped");
         Ok(())
     }
@@ -392,6 +463,7 @@ impl StageRunner {
             let started = Instant::now();
             let results = self.call_handler(&events).await;
             crate::metrics::observe_handle(self.name, started.elapsed());
+            self.service.lock().unwrap().observe(started.elapsed(), events.len());
             for ((id, ev), result) in events.into_iter().zip(results) {
                 let span = info_span!("finish", stage = %self.name, job = %ev.job, image = ev.image,
                     vendor = %ev.vendor, trace_id = trace_id_of(&ev));
@@ -477,35 +549,14 @@ impl StageRunner {
         }
     }
 
-    /// At admission: the ms until the image fits its vendor's quotas for
-    /// the operations it asks for, or 0 (then it has been charged).
-    async fn quota_wait(&self, ev: &ImageEvent) -> redis::RedisResult<u64> {
-        let mut inv = self.p.scripts.quota.prepare_invoke();
-        inv.arg(format!("{}:{}", ev.job, ev.image));
-        let mut any = false;
-        for op in &ev.ops {
-            if let Some(limit) = self.cfg.quotas.get(op.as_str()) {
-                inv.key(self.p.keys.quota(&ev.vendor, op.as_str()))
-                    .arg(*limit)
-                    .arg(self.cfg.quota_window_ms);
-                any = true;
-            }
-        }
-        if !any {
-            return Ok(0);
-        }
-        let mut conn = self.p.conn.clone();
-        inv.invoke_async(&mut conn).await
-    }
-
     /// Turns a handler's result into one atomic step in Redis.
     async fn finish(&self, id: &str, input: ImageEvent, result: Result<Outcome, StageError>) {
         // Admission control: an image over its vendor's quota waits, with
         // no attempt counted. If Redis cannot say, the image waits too: the
         // entry stays pending and is reclaimed.
         let result = match result {
-            Ok(Outcome::Done(ev)) if self.name == StageName::RateCheck && !self.cfg.quotas.is_empty() => {
-                match self.quota_wait(&ev).await {
+            Ok(Outcome::Done(ev)) if self.name == StageName::RateCheck && self.admission.has_quotas() => {
+                match self.admission.quota_wait(&ev).await {
                     Ok(0) => Ok(Outcome::Done(ev)),
                     Ok(wait) => {
                         let until_ms = now_ms() + wait;
@@ -894,20 +945,23 @@ impl StageRunner {
             return;
         }
         let mut conn = self.p.conn.clone();
-        let r: redis::RedisResult<redis::Value> = redis::cmd("XCLAIM")
-            .arg(&self.stream)
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.stream)
             .arg(self.group())
             .arg(&self.consumer)
             .arg(0)
             .arg(&ids)
             .arg("IDLE")
             .arg(self.cfg.claim_idle_ms.saturating_mul(1000))
-            .arg("JUSTID")
-            .query_async(&mut conn)
-            .await;
-        match r {
-            Ok(_) => info!(stage = %self.name, count = ids.len(), "handed back unfinished entries"),
-            Err(e) => {
+            .arg("JUSTID");
+        let call = cmd.query_async::<redis::Value>(&mut conn);
+        // Bounded: a shutdown with Redis gone must not wait for it.
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Err(_) => {
+                warn!(stage = %self.name, "handing back entries timed out; they will be reclaimed after the idle time")
+            }
+            Ok(Ok(_)) => info!(stage = %self.name, count = ids.len(), "handed back unfinished entries"),
+            Ok(Err(e)) => {
                 warn!(stage = %self.name, error = %e, "handing back entries failed; they will be reclaimed after the idle time")
             }
         }
@@ -915,14 +969,13 @@ impl StageRunner {
 
     /// The background chores of a worker, until shutdown.
     async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
-        // Reclaiming waits for free slots, so it runs on its own and never
-        // delays promoting due retries.
-        let reclaimer = tokio::spawn(self.clone().reclaim_loop(shutdown.clone()));
         let trim_every = Duration::from_millis(self.cfg.trim_every_ms);
         let mut next_trim = Instant::now() + trim_every;
         let mut next_beat = Instant::now();
         let mut next_reap = Instant::now() + Duration::from_secs(60);
         let mut next_sweep = Instant::now() + Duration::from_secs(600);
+        let reconcile_every = Duration::from_millis(self.cfg.reconcile_every_ms.max(1_000));
+        let mut next_reconcile = Instant::now() + reconcile_every;
         loop {
             let mut wait = Duration::from_millis(250);
             match self.promote().await {
@@ -964,6 +1017,19 @@ impl StageRunner {
                     }
                 }
             }
+            if now >= next_reconcile && self.fair() {
+                next_reconcile = now + reconcile_every;
+                match crate::admission::reconcile(&self.p).await {
+                    Ok(Reconciled::Repaired { in_flight, counter_was }) => {
+                        warn!(
+                            in_flight,
+                            counter_was, "the admission counter had drifted; corrected it"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(error = %e, "reconciling the admission counter failed"),
+                }
+            }
             if now >= next_sweep && self.name == StageName::RateCheck {
                 next_sweep = now + Duration::from_secs(600);
                 match self.p.blobs.sweep(Duration::from_millis(self.cfg.blob_ttl_ms)).await {
@@ -976,35 +1042,36 @@ impl StageRunner {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        reclaimer.await.ok();
     }
 
     /// The fair scheduler: keeps the admission window filled from vendors'
     /// queues. It runs at once when this process parks an image, and polls
     /// briefly while images wait (slots free up in other processes).
     async fn dispatch_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut conn = self.p.conn.clone();
+        let mut failing = false;
+        let mut next_sizing = Instant::now();
         loop {
-            let r: redis::RedisResult<(i64, i64)> = self
-                .p
-                .scripts
-                .dispatch
-                .key(self.p.keys.vendor_ring())
-                .key(self.p.keys.admitted())
-                .key(self.p.keys.vendor_weights())
-                .arg(self.cfg.admission_window)
-                .arg(self.p.keys.vendor_queue_prefix())
-                .arg(self.p.keys.stream_prefix())
-                .arg(now_ms())
-                .arg(self.p.keys.progress_channel())
-                .invoke_async(&mut conn)
-                .await;
+            if Instant::now() >= next_sizing {
+                next_sizing = Instant::now() + Duration::from_secs(1);
+                if let Err(e) = self.admission.resize_window().await {
+                    debug!(error = %e, "sizing the admission window failed");
+                }
+            }
+            let r = self.admission.dispatch().await;
             let wait = match r {
-                Ok((moved, _)) if moved > 0 => continue,
-                Ok((_, waiting)) if waiting > 0 => Duration::from_millis(2),
+                Ok(d) if d.moved > 0 => {
+                    failing = false;
+                    continue;
+                }
+                Ok(d) if d.vendors_waiting > 0 => Duration::from_millis(2),
                 Ok(_) => Duration::from_millis(250),
                 Err(e) => {
-                    debug!(error = %e, "dispatching failed");
+                    // Not only at debug: while dispatch fails, no vendor's
+                    // image is admitted. Once per failing streak.
+                    if !failing {
+                        warn!(error = %e, "dispatching failed");
+                    }
+                    failing = true;
                     Duration::from_millis(250)
                 }
             };
@@ -1013,36 +1080,6 @@ impl StageRunner {
                 _ = self.parked.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
-        }
-    }
-
-    /// Reclaims orphaned entries every `reclaim_every_ms`, until shutdown.
-    async fn reclaim_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tasks = JoinSet::new();
-        let mut cursor = "0-0".to_string();
-        let every = Duration::from_millis(self.cfg.reclaim_every_ms);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(every) => {}
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.reclaim(&mut cursor, &mut tasks) => {
-                    if let Err(e) = r {
-                        debug!(error = %e, "reclaiming failed");
-                    }
-                }
-            }
-            while tasks.try_join_next().is_some() {}
-        }
-        // Reclaimed work still running belongs to the shutdown's grace too.
-        let grace = Duration::from_millis(self.cfg.shutdown_grace_ms);
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
-            tasks.abort_all();
         }
     }
 
@@ -1063,36 +1100,28 @@ impl StageRunner {
     }
 
     /// Takes over entries left pending by consumers that stopped renewing
-    /// them (they died), as many as there are free slots.
-    async fn reclaim(self: &Arc<Self>, cursor: &mut String, tasks: &mut JoinSet<()>) -> redis::RedisResult<()> {
-        // The reader holds every free slot while it blocks, so wait for one
-        // (the semaphore is fair: a waiter is served before the reader's next
-        // turn) rather than finding none and never reclaiming.
-        let wait = Duration::from_millis(self.cfg.read_block_ms + 1_000);
-        let Ok(first) = tokio::time::timeout(wait, self.slots.clone().acquire_owned()).await else {
-            return Ok(());
-        };
-        let mut permits = vec![first.expect("semaphore never closes")];
-        while let Ok(p) = self.slots.clone().try_acquire_owned() {
-            permits.push(p);
-        }
+    /// them (they died): as many as `slots` free slots can handle. An entry
+    /// delivered too often (its workers keep dying on it) is dead-lettered
+    /// instead. Returns the entries to handle.
+    async fn reclaim(&self, r: &mut Reclaimer, slots: usize) -> redis::RedisResult<Vec<Delivery>> {
+        let want = slots * self.per_slot();
         let mut conn = self.p.conn.clone();
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&self.stream)
             .arg(self.group())
             .arg(&self.consumer)
             .arg(self.cfg.claim_idle_ms)
-            .arg(&*cursor)
+            .arg(&r.cursor)
             .arg("COUNT")
-            .arg(permits.len() * self.per_slot())
+            .arg(want)
             .query_async(&mut conn)
             .await?;
-        *cursor = reply.next_stream_id.clone();
+        r.scanned(&reply.next_stream_id, reply.claimed.len() >= want);
         if !reply.deleted_ids.is_empty() {
             warn!(stage = %self.name, count = reply.deleted_ids.len(), "pending entries had been deleted from the stream");
         }
         if reply.claimed.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // How often has each been delivered? An entry whose workers keep
         // dying on it is a poison pill: dead-letter it instead of looping.
@@ -1113,22 +1142,14 @@ impl StageRunner {
             if delivered > self.cfg.max_deliveries {
                 let why = format!("delivered {delivered} times without finishing; its workers kept dying on it");
                 match d.payload.as_deref().map(ImageEvent::from_json) {
-                    Some(Ok(ev)) => {
-                        let attempts = ev.attempt + 1;
-                        self.finish(&d.id, ev, Err(StageError::permanent(why))).await;
-                        let _ = attempts;
-                    }
+                    Some(Ok(ev)) => self.finish(&d.id, ev, Err(StageError::permanent(why))).await,
                     _ => self.dead_letter_raw(&d, &why).await,
                 }
             } else {
                 fresh.push(d);
             }
         }
-        if !fresh.is_empty() {
-            info!(stage = %self.name, count = fresh.len(), "reclaimed orphaned entries");
-            self.dispatch(fresh, permits, tasks);
-        }
-        Ok(())
+        Ok(fresh)
     }
 
     async fn heartbeat(&self) {
@@ -1143,7 +1164,11 @@ impl StageRunner {
             concurrency: self.cfg.concurrency,
             in_flight: self.in_flight.lock().map(|f| f.len()).unwrap_or(0),
             last_seen_ms: now_ms(),
+            service_ms: None,
+            capacity_per_s: None,
+            last_handled_ms: 0,
         };
+        let beat = self.service.lock().unwrap().describe(beat, self.cfg.concurrency);
         let mut conn = self.p.conn.clone();
         let _: redis::RedisResult<()> = conn
             .hset(
@@ -1190,6 +1215,84 @@ impl Step {
         match self {
             Step::Complete(ev) | Step::Dead { event: ev, .. } => Some(&ev.job),
             _ => None,
+        }
+    }
+}
+
+/// How long the handler takes per event, as a moving average, for the
+/// heartbeat (the admission window is sized from it).
+#[derive(Default)]
+struct ServiceTime {
+    /// Milliseconds one unit of work (an event, or a batch) takes.
+    unit_ms: Option<f64>,
+    /// Events in a unit.
+    per_unit: f64,
+    last_ms: u64,
+}
+
+impl ServiceTime {
+    /// Weight of the newest sample: the average follows a change within
+    /// a few dozen events, and one odd image does not swing it.
+    const ALPHA: f64 = 0.1;
+
+    fn observe(&mut self, took: Duration, events: usize) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let n = events.max(1) as f64;
+        match self.unit_ms {
+            None => {
+                self.unit_ms = Some(ms);
+                self.per_unit = n;
+            }
+            Some(avg) => {
+                self.unit_ms = Some(avg + Self::ALPHA * (ms - avg));
+                self.per_unit += Self::ALPHA * (n - self.per_unit);
+            }
+        }
+        self.last_ms = now_ms();
+    }
+
+    fn describe(&self, mut beat: Heartbeat, concurrency: usize) -> Heartbeat {
+        if let Some(unit_ms) = self.unit_ms {
+            let unit_ms = unit_ms.max(0.01);
+            beat.service_ms = Some(unit_ms);
+            beat.capacity_per_s = Some(concurrency as f64 * self.per_unit * 1000.0 / unit_ms);
+            beat.last_handled_ms = self.last_ms;
+        }
+        beat
+    }
+}
+
+/// When the reader next looks for orphaned entries, and where in the
+/// pending list it goes on from.
+struct Reclaimer {
+    every: Duration,
+    next: Instant,
+    /// `XAUTOCLAIM`'s cursor: "0-0" starts a new pass over the pending list.
+    cursor: String,
+}
+
+impl Reclaimer {
+    fn new(every: Duration) -> Self {
+        // At once on start: a worker restarted after a crash takes back
+        // what the crash left (once idle), without waiting a period.
+        Reclaimer {
+            every,
+            next: Instant::now(),
+            cursor: "0-0".into(),
+        }
+    }
+
+    fn due(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    /// After one `XAUTOCLAIM`: a pass that filled its batch, or has more of
+    /// the pending list to scan, goes on at once; a finished pass waits a
+    /// period.
+    fn scanned(&mut self, cursor: &str, full: bool) {
+        self.cursor = cursor.to_string();
+        if !full && self.cursor == "0-0" {
+            self.next = Instant::now() + self.every;
         }
     }
 }

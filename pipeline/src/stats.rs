@@ -89,6 +89,9 @@ pub struct PipelineStats {
     pub vendor_backlog: BTreeMap<String, u64>,
     /// True when the per-vendor figures come from a sample.
     pub backlog_sampled: bool,
+    /// The admission window rate-check's dispatcher keeps, and why; `None`
+    /// when no dispatcher runs (or fair scheduling is off).
+    pub admission: Option<crate::admission::window::WindowChoice>,
 }
 
 impl PipelineStats {
@@ -279,6 +282,7 @@ pub async fn collect(p: &Pipeline) -> redis::RedisResult<PipelineStats> {
         workers,
         vendor_backlog: all_vendors,
         backlog_sampled: sampled,
+        admission: crate::admission::published_window(p).await.unwrap_or(None),
     })
 }
 

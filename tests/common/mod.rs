@@ -139,6 +139,7 @@ impl TestEnv {
                     operations: ops.to_vec(),
                     images: imgs,
                     idempotency_key: None,
+                    fingerprint: None,
                     traceparent: None,
                 })
                 .await

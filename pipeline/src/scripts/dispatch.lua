@@ -5,16 +5,31 @@
 -- window holds several rounds they are taken at once (one LPOP per vendor
 -- for all of them), and a round cut short by the window resumes, next
 -- call, with the vendors it did not reach.
+-- Only the head of the ring is read: every vendor reached takes at least
+-- one image, so a call reaches at most as many vendors as the free window
+-- holds, whatever the number of vendors waiting (the ring may hold
+-- hundreds of thousands; nothing here unpacks it whole).
 -- Keys of vendor queues and streams are derived from prefixes passed in;
 -- they share the hash tag of the declared keys.
 -- KEYS: vendor ring, admitted counter, vendor weights
 -- ARGV: window, vendor queue prefix, stream prefix, now ms, progress channel
 -- Returns {dispatched, vendors still waiting}.
+local ring = KEYS[1]
 local budget = tonumber(ARGV[1]) - tonumber(redis.call('GET', KEYS[2]) or '0')
-if budget <= 0 then return {0, redis.call('LLEN', KEYS[1])} end
-local vendors = redis.call('LRANGE', KEYS[1], 0, -1)
-if #vendors == 0 then return {0, 0} end
-local weights = redis.call('HMGET', KEYS[3], unpack(vendors))
+if budget <= 0 then return {0, redis.call('LLEN', ring)} end
+local len = redis.call('LLEN', ring)
+if len == 0 then return {0, 0} end
+local head = math.min(len, budget)
+local whole = head == len
+local vendors = redis.call('LRANGE', ring, 0, head - 1)
+-- Weights in slices, for the same reason.
+local weights = {}
+for s = 1, #vendors, 500 do
+  local slice = {}
+  for k = s, math.min(s + 499, #vendors) do slice[#slice + 1] = vendors[k] end
+  local w = redis.call('HMGET', KEYS[3], unpack(slice))
+  for k = 1, #slice do weights[s + k - 1] = w[k] end
+end
 local active = {}
 for k, v in ipairs(vendors) do
   active[k] = {name = v, weight = math.max(1, tonumber(weights[k] or '1') or 1)}
@@ -50,15 +65,26 @@ while budget > 0 and #active > 0 do
     end
   end
   active = still
+  -- Past the head, other vendors come before a second round for these.
+  if not whole then break end
 end
 if moved > 0 then
   redis.call('INCRBY', KEYS[2], moved)
   redis.call('PUBLISH', ARGV[5], '[' .. table.concat(announced, ',') .. ']')
 end
--- Rewrite the ring if a vendor's queue emptied or a round was cut short:
--- those not reached first, then the rest in their order; emptied ones go.
-if cut or next(emptied) then
-  local order, first, after = {}, {}, {}
+local function push(cmd, list, from, to, step)
+  local slice = {}
+  for k = from, to, step do
+    slice[#slice + 1] = list[k]
+    if #slice == 500 then redis.call(cmd, ring, unpack(slice)); slice = {} end
+  end
+  if #slice > 0 then redis.call(cmd, ring, unpack(slice)) end
+end
+-- Rewrite the head of the ring if a vendor's queue emptied, a round was
+-- cut short or vendors lie past the head: those not reached first, then
+-- the vendors past the head, then the ones reached; emptied ones go.
+if cut or next(emptied) or not whole then
+  local first, after = {}, {}
   local reached = true
   for _, v in ipairs(vendors) do
     if v == cut then reached = false end
@@ -66,10 +92,14 @@ if cut or next(emptied) then
       if reached then after[#after + 1] = v else first[#first + 1] = v end
     end
   end
-  for _, v in ipairs(first) do order[#order + 1] = v end
-  for _, v in ipairs(after) do order[#order + 1] = v end
-  redis.call('DEL', KEYS[1])
-  if #order > 0 then redis.call('RPUSH', KEYS[1], unpack(order)) end
-  return {moved, #order}
+  if whole then
+    redis.call('DEL', ring)
+    push('RPUSH', first, 1, #first, 1)
+  else
+    redis.call('LTRIM', ring, head, -1)
+    push('LPUSH', first, #first, 1, -1)
+  end
+  push('RPUSH', after, 1, #after, 1)
+  return {moved, redis.call('LLEN', ring)}
 end
-return {moved, #vendors}
+return {moved, len}

@@ -59,6 +59,9 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
     else
       local status = redis.call('HGET', job, 'status')
       if not status then
+        -- The job record is gone (expired or deleted): the image ends
+        -- here, and so does its hold on the admission window.
+        if slot == '1' then released = released + 1 end
         r = 2
       elseif kind == 'h' then
         if skip_if_cancelled(job, i, status, now, finished, KEYS[2], slot) then

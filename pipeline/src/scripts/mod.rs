@@ -27,6 +27,7 @@ pub struct Scripts {
     pub quota: Script,
     pub promote_webhooks: Script,
     pub settle_webhook: Script,
+    pub reconcile_admitted: Script,
 }
 
 impl Scripts {
@@ -46,6 +47,7 @@ impl Scripts {
             quota: with_lib(include_str!("quota.lua")),
             promote_webhooks: with_lib(include_str!("promote_webhooks.lua")),
             settle_webhook: with_lib(include_str!("settle_webhook.lua")),
+            reconcile_admitted: with_lib(include_str!("reconcile_admitted.lua")),
         }
     }
 }

@@ -13,7 +13,12 @@
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 count_event(KEYS[5], KEYS[6], ARGV[15], ARGV[16])
 local status = redis.call('HGET', KEYS[3], 'status')
-if not status then return 2 end
+if not status then
+  -- The job record is gone (expired or deleted): the image ends here, and
+  -- so does its hold on the admission window.
+  release_slot(KEYS[4], ARGV[14])
+  return 2
+end
 if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], KEYS[4], ARGV[14]) then return 2 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 local i = ARGV[5]

@@ -1,0 +1,242 @@
+//! Fair admission: the work rate-check does beyond passing an image on.
+//!
+//! Owns the three scripts of the fair scheduler's bookkeeping: charging an
+//! image against its vendor's processing quotas (`quota.lua`), moving
+//! waiting images downstream in weighted round-robin while the admission
+//! window has room (`dispatch.lua`), and correcting the window's counter
+//! from the true count of images in flight (`reconcile_admitted.lua`).
+//! Parking an image in its vendor's queue is part of the finisher's batch
+//! (`finish.lua`), since it acknowledges the rate-check entry. This module
+//! never reads streams or acknowledges entries; the runner decides when to
+//! call it. The window's size is `window`'s to choose, from the workers'
+//! heartbeats; this module keeps the current choice and publishes it.
+
+pub mod window;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use redis::AsyncCommands;
+
+use crate::context::Pipeline;
+use crate::event::{ImageEvent, StageName};
+use crate::now_ms;
+use crate::runner::Heartbeat;
+use window::{WindowChoice, WindowPolicy};
+
+/// What one dispatch call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dispatched {
+    /// Images moved downstream.
+    pub moved: u64,
+    /// Vendors still waiting with images queued.
+    pub vendors_waiting: u64,
+}
+
+/// What a reconciliation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// The counter agreed with the images in flight.
+    Agreed { in_flight: u64 },
+    /// The counter had drifted and now holds the true count.
+    Repaired { in_flight: u64, counter_was: i64 },
+    /// A stream's undelivered entries were too many to count cheaply;
+    /// nothing was changed.
+    Unknown,
+}
+
+/// How the window is sized.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowSettings {
+    /// The most images in flight downstream (`admission_window`).
+    pub ceiling: u64,
+    /// Size the window from the workers' measurements (else it is the
+    /// ceiling, fixed).
+    pub adaptive: bool,
+    /// The most a newcomer's first image should wait behind admitted ones.
+    pub target_ms: u64,
+}
+
+impl WindowSettings {
+    /// A fixed window of `n` images.
+    pub fn fixed(n: u64) -> Self {
+        WindowSettings {
+            ceiling: n,
+            adaptive: false,
+            target_ms: 0,
+        }
+    }
+
+    /// The window before any worker has reported.
+    fn initial(&self) -> u64 {
+        if self.adaptive {
+            self.ceiling.min(8)
+        } else {
+            self.ceiling
+        }
+    }
+}
+
+/// The fair scheduler's calls for one pipeline.
+pub struct Admission {
+    p: Pipeline,
+    settings: WindowSettings,
+    /// Images in flight downstream at most, now.
+    window: AtomicU64,
+    /// Why the window is what it is.
+    reason: Mutex<String>,
+    /// Per operation: images per `quota_window_ms` and vendor.
+    quotas: BTreeMap<String, u64>,
+    quota_window_ms: u64,
+}
+
+impl Admission {
+    pub fn new(p: Pipeline, settings: WindowSettings, quotas: BTreeMap<String, u64>, quota_window_ms: u64) -> Self {
+        let reason = if settings.adaptive {
+            "no worker has reported yet: the initial window".to_string()
+        } else {
+            "fixed (admission_adaptive = false)".to_string()
+        };
+        Admission {
+            p,
+            window: AtomicU64::new(settings.initial()),
+            settings,
+            reason: Mutex::new(reason),
+            quotas,
+            quota_window_ms,
+        }
+    }
+
+    /// The window now.
+    pub fn window(&self) -> u64 {
+        self.window.load(Ordering::Relaxed)
+    }
+
+    /// Sizes the window again from the live workers' heartbeats, and
+    /// publishes it (for stats, queue-stats and `/metrics`). Keeps the
+    /// window as it is when nothing is measured.
+    pub async fn resize_window(&self) -> redis::RedisResult<WindowChoice> {
+        let keys = &self.p.keys;
+        let mut conn = self.p.conn.clone();
+        if self.settings.adaptive {
+            let beats: HashMap<String, String> = conn.hgetall(keys.workers()).await?;
+            let beats: Vec<Heartbeat> = beats.values().filter_map(|b| serde_json::from_str(b).ok()).collect();
+            let policy = WindowPolicy {
+                ceiling: self.settings.ceiling,
+                target_ms: self.settings.target_ms,
+            };
+            let now = now_ms();
+            let measured = window::choose(&window::loads(&beats, now), policy);
+            if let Some(choice) = measured.or_else(|| window::unmeasured(&beats, now, self.settings.ceiling)) {
+                self.window.store(choice.window, Ordering::Relaxed);
+                *self.reason.lock().unwrap() = choice.reason;
+            }
+        }
+        let choice = WindowChoice {
+            window: self.window(),
+            reason: self.reason.lock().unwrap().clone(),
+        };
+        crate::metrics::admission_window(choice.window);
+        let _: () = redis::pipe()
+            .hset_multiple(
+                keys.admission(),
+                &[
+                    ("window", choice.window.to_string()),
+                    ("reason", choice.reason.clone()),
+                    ("updated_ms", now_ms().to_string()),
+                ],
+            )
+            .expire(keys.admission(), 60)
+            .query_async(&mut conn)
+            .await?;
+        Ok(choice)
+    }
+
+    /// Whether any quota applies at all (no script call is needed if not).
+    pub fn has_quotas(&self) -> bool {
+        !self.quotas.is_empty()
+    }
+
+    /// The ms until `ev` fits its vendor's quotas for the operations it
+    /// asks for, or 0 (then it has been charged, once, whatever the number
+    /// of deliveries).
+    pub async fn quota_wait(&self, ev: &ImageEvent) -> redis::RedisResult<u64> {
+        let mut inv = self.p.scripts.quota.prepare_invoke();
+        inv.arg(format!("{}:{}", ev.job, ev.image));
+        let mut any = false;
+        for op in &ev.ops {
+            if let Some(limit) = self.quotas.get(op.as_str()) {
+                inv.key(self.p.keys.quota(&ev.vendor, op.as_str()))
+                    .arg(*limit)
+                    .arg(self.quota_window_ms);
+                any = true;
+            }
+        }
+        if !any {
+            return Ok(0);
+        }
+        let mut conn = self.p.conn.clone();
+        inv.invoke_async(&mut conn).await
+    }
+
+    /// Moves waiting images downstream while the window has room.
+    pub async fn dispatch(&self) -> redis::RedisResult<Dispatched> {
+        let keys = &self.p.keys;
+        let mut conn = self.p.conn.clone();
+        let (moved, waiting): (i64, i64) = self
+            .p
+            .scripts
+            .dispatch
+            .key(keys.vendor_ring())
+            .key(keys.admitted())
+            .key(keys.vendor_weights())
+            .arg(self.window())
+            .arg(keys.vendor_queue_prefix())
+            .arg(keys.stream_prefix())
+            .arg(now_ms())
+            .arg(keys.progress_channel())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(Dispatched {
+            moved: moved.max(0) as u64,
+            vendors_waiting: waiting.max(0) as u64,
+        })
+    }
+}
+
+/// Sets the admission counter to the true count of images in flight
+/// downstream of rate-check, if it had drifted.
+pub async fn reconcile(p: &Pipeline) -> redis::RedisResult<Reconciled> {
+    let keys = &p.keys;
+    let mut call = p.scripts.reconcile_admitted.prepare_invoke();
+    call.key(keys.admitted());
+    for stage in StageName::ALL.into_iter().filter(|s| *s != StageName::RateCheck) {
+        call.key(keys.stream(stage))
+            .key(keys.retries(stage))
+            .arg(keys.group(stage));
+    }
+    let mut conn = p.conn.clone();
+    let (in_flight, before): (i64, i64) = call.invoke_async(&mut conn).await?;
+    Ok(match u64::try_from(in_flight) {
+        Err(_) => Reconciled::Unknown,
+        Ok(n) if n as i64 == before => Reconciled::Agreed { in_flight: n },
+        Ok(n) => Reconciled::Repaired {
+            in_flight: n,
+            counter_was: before,
+        },
+    })
+}
+
+/// The window the dispatcher last published, if one runs.
+pub async fn published_window(p: &Pipeline) -> redis::RedisResult<Option<WindowChoice>> {
+    let mut conn = p.conn.clone();
+    let h: HashMap<String, String> = conn.hgetall(p.keys.admission()).await?;
+    Ok(match (h.get("window").and_then(|w| w.parse().ok()), h.get("reason")) {
+        (Some(window), Some(reason)) => Some(WindowChoice {
+            window,
+            reason: reason.clone(),
+        }),
+        _ => None,
+    })
+}
