@@ -251,6 +251,7 @@ async fn a_doubtful_cutout_reaches_the_status_and_the_webhook_as_a_warning() {
                 record_id: "sku-blank".into(),
             }],
             idempotency_key: None,
+            fingerprint: None,
             traceparent: None,
         })
         .await
