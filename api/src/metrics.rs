@@ -126,6 +126,9 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
             .set(st.oldest_pending_ms.unwrap_or(0) as f64 / 1000.0);
     }
     metrics::gauge!("image_queue_dead_letters").set(s.dead_letters as f64);
+    if let Some(a) = &s.admission {
+        metrics::gauge!("image_queue_admission_window").set(a.window as f64);
+    }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         handle.render(),

@@ -60,6 +60,10 @@ impl Counted {
 
 /// Describes the metrics once, so the exporter prints their help text.
 pub fn describe() {
+    metrics::describe_gauge!(
+        "image_queue_admission_window",
+        "Images fair admission lets in flight downstream of rate-check, as its dispatcher sized it"
+    );
     metrics::describe_counter!(
         "image_queue_events_processed_total",
         "Events a stage finished and passed on"
