@@ -309,3 +309,53 @@ async fn a_newcomers_image_behind_a_real_backlog_waits_a_few_images_not_the_wind
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlogged_vendors_of_weights_one_two_four_are_admitted_one_two_four() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let ring = env.pipeline.keys.vendor_ring();
+    let mut conn = env.pipeline.conn.clone();
+    let vendors = [("light", 1u64), ("middle", 2), ("heavy", 4)];
+    for (v, weight) in vendors {
+        let mut pipe = redis::pipe();
+        for i in 0..500 {
+            let item = format!(
+                "resize\t{}\tjob-{v}\t{i}\t{v}",
+                env.pipeline.keys.job(&format!("job-{v}"))
+            );
+            pipe.rpush(env.pipeline.keys.vendor_queue(v), item).ignore();
+        }
+        pipe.rpush(&ring, v).ignore();
+        pipe.hset(env.pipeline.keys.vendor_weights(), v, weight).ignore();
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
+    }
+    // A window of 5: rounds are cut short and resumed across calls, as
+    // when slots free one by one.
+    let admission = admission::Admission::new(
+        env.pipeline.clone(),
+        admission::WindowSettings::fixed(5),
+        Default::default(),
+        3_600_000,
+    );
+    let mut moved = 0;
+    while moved < 700 {
+        let d = admission.dispatch().await.unwrap();
+        moved += d.moved;
+        // Everything admitted finishes at once.
+        let _: () = conn.set(env.pipeline.keys.admitted(), 0).await.unwrap();
+    }
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(env.pipeline.keys.stream(StageName::Resize))
+        .arg("-")
+        .arg("+")
+        .query_async::<redis::streams::StreamRangeReply>(&mut conn)
+        .await
+        .unwrap()
+        .ids
+        .into_iter()
+        .map(|e| (e.id.clone(), vec![("e".to_string(), e.get::<String>("e").unwrap())]))
+        .collect();
+    let count = |v: &str| entries.iter().filter(|(_, f)| f[0].1 == v).count();
+    assert_eq!(entries.len(), 700);
+    assert_eq!((count("light"), count("middle"), count("heavy")), (100, 200, 400));
+}

@@ -84,6 +84,12 @@ impl Keys {
         format!("{}:vendor-ring", self.base)
     }
 
+    /// The rest of a vendor's weighted turn the admission window cut short:
+    /// `<vendor>\n<images>` (see `scripts/dispatch.lua`).
+    pub fn vendor_round(&self) -> String {
+        format!("{}:vendor-round", self.base)
+    }
+
     /// Hash of vendor id to scheduling weight (absent: 1).
     pub fn vendor_weights(&self) -> String {
         format!("{}:vendor-weights", self.base)

@@ -191,6 +191,7 @@ impl Admission {
             .key(keys.vendor_ring())
             .key(keys.admitted())
             .key(keys.vendor_weights())
+            .key(keys.vendor_round())
             .arg(self.window())
             .arg(keys.vendor_queue_prefix())
             .arg(keys.stream_prefix())

@@ -9,9 +9,12 @@
 -- one image, so a call reaches at most as many vendors as the free window
 -- holds, whatever the number of vendors waiting (the ring may hold
 -- hundreds of thousands; nothing here unpacks it whole).
+-- A vendor whose turn the window cut in the middle (it took 2 of its 4)
+-- is first next call and takes the rest of its turn then (the round
+-- state), so weights hold exactly however small the window.
 -- Keys of vendor queues and streams are derived from prefixes passed in;
 -- they share the hash tag of the declared keys.
--- KEYS: vendor ring, admitted counter, vendor weights
+-- KEYS: vendor ring, admitted counter, vendor weights, round state
 -- ARGV: window, vendor queue prefix, stream prefix, now ms, progress channel
 -- Returns {dispatched, vendors still waiting}.
 local ring = KEYS[1]
@@ -34,6 +37,15 @@ local active = {}
 for k, v in ipairs(vendors) do
   active[k] = {name = v, weight = math.max(1, tonumber(weights[k] or '1') or 1)}
 end
+-- The rest of a turn the last call cut short, if its vendor is first.
+local owed_to, owed = nil, 0
+local state = redis.call('GET', KEYS[4])
+if state then
+  local v, n = string.match(state, '^(.*)\n(%d+)$')
+  if v == vendors[1] then owed_to, owed = v, tonumber(n) end
+end
+local resume = nil
+local first_pass = true
 local moved, announced, emptied, cut = 0, {}, {}, nil
 while budget > 0 and #active > 0 do
   local total = 0
@@ -47,7 +59,9 @@ while budget > 0 and #active > 0 do
       cut = cut or v.name
       still[#still + 1] = v
     else
-      local want = math.min(v.weight * rounds, budget)
+      local turn = v.weight * rounds
+      if first_pass and v.name == owed_to then turn = owed end
+      local want = math.min(turn, budget)
       local items = redis.call('LPOP', ARGV[2] .. v.name, want)
       local n = items and #items or 0
       for k = 1, n do
@@ -61,12 +75,28 @@ while budget > 0 and #active > 0 do
       end
       moved = moved + n
       budget = budget - n
-      if n < want then emptied[v.name] = true else still[#still + 1] = v end
+      if n < want then
+        emptied[v.name] = true
+      else
+        still[#still + 1] = v
+        if want < turn then
+          -- The window filled in the middle of this vendor's turn: it
+          -- goes first next call, for the rest of it.
+          cut = cut or v.name
+          resume = v.name .. '\n' .. (turn - n)
+        end
+      end
     end
   end
+  first_pass = false
   active = still
   -- Past the head, other vendors come before a second round for these.
   if not whole then break end
+end
+if resume then
+  redis.call('SET', KEYS[4], resume)
+elseif state and moved > 0 then
+  redis.call('DEL', KEYS[4])
 end
 if moved > 0 then
   redis.call('INCRBY', KEYS[2], moved)
