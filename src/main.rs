@@ -450,12 +450,7 @@ async fn serve_api(config: &Config, p: Pipeline, shutdown: CancellationToken) ->
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     info!(listen = %listener.local_addr()?, "API listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
+    image_queue_api::serve(listener, app(state), &config.api.server, shutdown.cancelled()).await?;
     Ok(())
 }
 
