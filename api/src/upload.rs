@@ -8,14 +8,16 @@
 //! headers) is capped by [`guard`]. This module owns the parsing; the job
 //! itself is made by `routes::submit`.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use axum::body::Body;
+use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::StatusCode;
-use futures::StreamExt;
+use futures::Stream;
 use image_queue_pipeline::blob::blob_key;
 use image_queue_pipeline::{NewImage, Operation, Source};
 use image_queue_stages::decode::{screen, sniff, ScreenError};
@@ -48,25 +50,55 @@ struct Progress {
     parts: AtomicU64,
 }
 
-/// Wraps the body the parser reads: once it has been fed more than a
-/// bounded amount beyond the part data it handed out, the body fails. The
-/// parser buffers a preamble or a part's headers whole while looking for
-/// their end, so without this a body of one endless header line would be
-/// held in memory to the end.
+/// Wraps the body the parser reads, for two bounds. The parser takes all
+/// the body has ready at once: the wrapper hands it one chunk per poll, so
+/// that a field's data reaches its reader (and its limit) as it arrives.
+/// And once the parser has been fed more than a bounded amount beyond the
+/// part data it handed out, the body fails: the parser buffers a preamble
+/// or a part's headers whole while looking for their end, so a body of one
+/// endless header line would otherwise be held in memory to the end.
 fn guard(body: Body, progress: Arc<Progress>) -> Body {
-    Body::from_stream(body.into_data_stream().map(move |chunk| {
-        let chunk = chunk?;
-        let fed = progress.fed.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
-        let allowed = progress.data.load(Ordering::Relaxed)
-            + MAX_PART_OVERHEAD_BYTES * (progress.parts.load(Ordering::Relaxed) + 1)
+    Body::from_stream(Guarded {
+        inner: body.into_data_stream(),
+        progress,
+        yielded: false,
+    })
+}
+
+struct Guarded {
+    inner: BodyDataStream,
+    progress: Arc<Progress>,
+    /// A chunk was just handed out: the next poll lets the parser work.
+    yielded: bool,
+}
+
+impl Stream for Guarded {
+    type Item = Result<Bytes, axum::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.yielded {
+            this.yielded = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let chunk = match Pin::new(&mut this.inner).poll_next(cx) {
+            Poll::Ready(Some(Ok(chunk))) => chunk,
+            other => return other,
+        };
+        this.yielded = true;
+        let p = &this.progress;
+        let fed = p.fed.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+        let allowed = p.data.load(Ordering::Relaxed)
+            + MAX_PART_OVERHEAD_BYTES * (p.parts.load(Ordering::Relaxed) + 1)
             + READ_SLACK_BYTES;
         if fed > allowed {
-            return Err(axum::Error::new(format!(
+            return Poll::Ready(Some(Err(axum::Error::new(format!(
                 "part headers (or a preamble) over {MAX_PART_OVERHEAD_BYTES} bytes"
-            )));
+            )))));
         }
-        Ok(chunk)
-    }))
+        Poll::Ready(Some(Ok(chunk)))
+    }
 }
 
 /// The vendor's submit limits as they stand before the body is read: what

@@ -296,25 +296,25 @@ async fn record_ids_with_control_characters_are_refused() {
 #[tokio::test]
 async fn uploads_over_the_rate_limit_are_refused_before_a_byte_is_stored() {
     let mut config = ApiConfig::default();
-    config.rate_limits.submits_per_vendor = Limit::new(1, 900);
-    config.rate_limits.bg_removal_images_per_vendor = Limit::new(2, 3600);
+    config.rate_limits.submits_per_vendor = Limit::new(2, 900);
+    config.rate_limits.bg_removal_images_per_vendor = Limit::new(3, 3600);
     let h = harness(config).await;
     let a = new_vendor(&h.app, "vendor-a").await;
     let b = new_vendor(&h.app, "vendor-b").await;
-    let one = |key: &str| {
-        multipart_req(
-            key,
-            &[
-                text_part("operations", b"resize"),
-                file_part(&png()),
-                text_part("record_id", b"sku-1"),
-            ],
-        )
+    let job = |key: &str, ops: &[u8], images: usize| {
+        let mut parts = vec![text_part("operations", ops)];
+        for i in 0..images {
+            parts.push(file_part(&png()));
+            parts.push(text_part("record_id", format!("sku-{i}").as_bytes()));
+        }
+        multipart_req(key, &parts)
     };
-    assert_eq!(send(&h.app, one(&a)).await.status, StatusCode::ACCEPTED);
-    assert_eq!(h.stored_jobs(), 1);
+    for _ in 0..2 {
+        assert_eq!(send(&h.app, job(&a, b"resize", 1)).await.status, StatusCode::ACCEPTED);
+    }
+    assert_eq!(h.stored_jobs(), 2);
 
-    // The second submit is over the limit: refused before its body is read.
+    // The third submit is over the limit: refused before its body is read.
     let head = [text_part("operations", b"resize"), file_part(&png())].concat();
     let (body, pulled) = streamed(head, b'x', 20 * MB, format!("\r\n--{BOUNDARY}--\r\n").into_bytes());
     let r = req("POST", "/api/image-queue/jobs", Some(&a))
@@ -325,21 +325,19 @@ async fn uploads_over_the_rate_limit_are_refused_before_a_byte_is_stored() {
     r.error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(pulled.load(Ordering::Relaxed), 0, "the refused body was read");
-    assert_eq!(h.stored_jobs(), 1);
+    assert_eq!(h.stored_jobs(), 2);
 
-    // Background removal is counted in images: the third image of a job
-    // over a limit of two is refused before it is stored, and the two
-    // before it are removed.
-    let mut parts = vec![text_part("operations", b"bg-removal")];
-    for i in 0..3 {
-        parts.push(file_part(&png()));
-        parts.push(text_part("record_id", format!("sku-{i}").as_bytes()));
-    }
-    let r = send(&h.app, multipart_req(&b, &parts)).await;
+    // Background removal is counted in images: with one of three left, the
+    // second image of a job is refused before it is stored, and the first
+    // is removed.
+    assert_eq!(send(&h.app, job(&b, b"bg-removal", 2)).await.status, StatusCode::ACCEPTED);
+    assert_eq!(h.stored_jobs(), 3);
+    let r = send(&h.app, job(&b, b"bg-removal", 2)).await;
     r.error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
-    assert_eq!(h.stored_jobs(), 1);
-    // Within the limit, the same vendor is served.
-    let r = send(&h.app, multipart_req(&b, &parts[..5])).await;
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("bg-removal-images"));
+    assert_eq!(h.stored_jobs(), 3);
+    // What is within the limit is taken.
+    let r = send(&h.app, job(&b, b"bg-removal", 1)).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.body);
 }
 
