@@ -272,7 +272,11 @@ async fn exchange(s: &mut TcpStream, request: &str) -> (u16, String) {
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
@@ -431,7 +435,10 @@ async fn slow_clients_are_closed_within_the_configured_timeouts() {
     let mut silent = TcpStream::connect(&c.api_addr).await.unwrap();
     // Trickles its headers, a byte every 50 ms, never ending them.
     let mut headers = TcpStream::connect(&c.api_addr).await.unwrap();
-    headers.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ").await.unwrap();
+    headers
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
     let (mut headers_rd, mut headers_wr) = headers.into_split();
     let trickle_headers = tokio::spawn(async move {
         while headers_wr.write_all(b"a").await.is_ok() {

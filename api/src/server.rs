@@ -136,7 +136,8 @@ pub async fn serve(
 
 /// The answer to a connection over the cap, written once and reused.
 fn over_capacity_answer() -> Vec<u8> {
-    let body = r#"{"error":{"code":"unavailable","message":"the server is at its connection limit; try again shortly"}}"#;
+    let body =
+        r#"{"error":{"code":"unavailable","message":"the server is at its connection limit; try again shortly"}}"#;
     format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()

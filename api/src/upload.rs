@@ -338,7 +338,9 @@ async fn store_file(
         progress.data.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         size += chunk.len() as u64;
         if size > max {
-            return Err(ApiError::PayloadTooLarge(format!("images are limited to {max} bytes each")));
+            return Err(ApiError::PayloadTooLarge(format!(
+                "images are limited to {max} bytes each"
+            )));
         }
         if head.len() < SCREEN_HEAD_BYTES {
             let was = head.len();

@@ -196,12 +196,19 @@ async fn bodies_over_their_limits_are_refused_without_being_read_whole() {
     let jobs = "/api/image-queue/jobs";
 
     // 600 MB of JSON, sent without a length: refused at the limit (1 MB).
-    let (body, pulled) = streamed(br#"{"operations": ["resize"], "images": [{"url": ""#.to_vec(), b'a', 600 * MB, b"\"}]}".to_vec());
+    let (body, pulled) = streamed(
+        br#"{"operations": ["resize"], "images": [{"url": ""#.to_vec(),
+        b'a',
+        600 * MB,
+        b"\"}]}".to_vec(),
+    );
     let r = req("POST", jobs, Some(&a))
         .header("content-type", "application/json")
         .body(body)
         .unwrap();
-    send(&h.app, r).await.error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    send(&h.app, r)
+        .await
+        .error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     let read = pulled.load(Ordering::Relaxed);
     assert!(read <= MB + 128 * 1024, "read {read} bytes of a 600 MB JSON body");
 
@@ -212,7 +219,9 @@ async fn bodies_over_their_limits_are_refused_without_being_read_whole() {
         .header("content-length", (600 * MB).to_string())
         .body(body)
         .unwrap();
-    send(&h.app, r).await.error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    send(&h.app, r)
+        .await
+        .error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     assert_eq!(pulled.load(Ordering::Relaxed), 0);
 
     // An admin route's JSON is held to the same limit.
@@ -221,13 +230,17 @@ async fn bodies_over_their_limits_are_refused_without_being_read_whole() {
         .header("content-type", "application/json")
         .body(body)
         .unwrap();
-    send(&h.app, r).await.error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    send(&h.app, r)
+        .await
+        .error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     assert!(pulled.load(Ordering::Relaxed) <= MB + 128 * 1024);
 
     // A 400 MB record_id: refused at its first kilobyte too many.
     let mut head = text_part("operations", b"resize");
     head.extend_from_slice(&file_part(&png()));
-    head.extend_from_slice(format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"record_id\"\r\n\r\n").as_bytes());
+    head.extend_from_slice(
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"record_id\"\r\n\r\n").as_bytes(),
+    );
     let (body, pulled) = streamed(head, b'r', 400 * MB, format!("\r\n--{BOUNDARY}--\r\n").into_bytes());
     let r = req("POST", jobs, Some(&a))
         .header("content-type", format!("multipart/form-data; boundary={BOUNDARY}"))
@@ -235,7 +248,11 @@ async fn bodies_over_their_limits_are_refused_without_being_read_whole() {
         .unwrap();
     let r = send(&h.app, r).await;
     r.error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("record_id"), "{}", r.body);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains("record_id"),
+        "{}",
+        r.body
+    );
     let read = pulled.load(Ordering::Relaxed);
     assert!(read <= 2 * MB, "read {read} bytes of a 400 MB record_id");
 
@@ -268,7 +285,10 @@ async fn record_ids_with_control_characters_are_refused() {
         let r = send(&h.app, json_req("/api/image-queue/jobs", &a, &body)).await;
         r.error(StatusCode::BAD_REQUEST, "bad_request");
         assert!(
-            r.body["error"]["message"].as_str().unwrap().contains("control characters"),
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("control characters"),
             "{}",
             r.body
         );
@@ -330,11 +350,17 @@ async fn uploads_over_the_rate_limit_are_refused_before_a_byte_is_stored() {
     // Background removal is counted in images: with one of three left, the
     // second image of a job is refused before it is stored, and the first
     // is removed.
-    assert_eq!(send(&h.app, job(&b, b"bg-removal", 2)).await.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        send(&h.app, job(&b, b"bg-removal", 2)).await.status,
+        StatusCode::ACCEPTED
+    );
     assert_eq!(h.stored_jobs(), 3);
     let r = send(&h.app, job(&b, b"bg-removal", 2)).await;
     r.error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("bg-removal-images"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bg-removal-images"));
     assert_eq!(h.stored_jobs(), 3);
     // What is within the limit is taken.
     let r = send(&h.app, job(&b, b"bg-removal", 1)).await;
@@ -353,7 +379,10 @@ async fn redis_out_of_memory_answers_503_with_retry_after_and_not_ready() {
 
     let mut conn = h.p.conn.clone();
     let set = |k: &'static str, v: &'static str| redis::cmd("CONFIG").arg("SET").arg(k).arg(v).to_owned();
-    let _: () = set("maxmemory-policy", "noeviction").query_async(&mut conn).await.unwrap();
+    let _: () = set("maxmemory-policy", "noeviction")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let _: () = set("maxmemory", "1").query_async(&mut conn).await.unwrap();
 
     let upload = multipart_req(
@@ -371,7 +400,8 @@ async fn redis_out_of_memory_answers_503_with_retry_after_and_not_ready() {
     // The refused submit took its blobs with it.
     assert_eq!(h.stored_jobs(), 0);
 
-    let body = json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
+    let body =
+        json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
     let r = send(&h.app, json_req("/api/image-queue/jobs", &a, &body)).await;
     r.error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert!(r.headers.contains_key("retry-after"));
@@ -431,14 +461,18 @@ async fn bad_dead_letter_queries_are_answered_in_the_error_shape() {
         .unwrap();
     send(&h.app, replay).await.error(StatusCode::BAD_REQUEST, "bad_request");
     // A good query still answers.
-    assert_eq!(send(&h.app, get("/api/admin/dlq?older_than_s=60")).await.status, StatusCode::OK);
+    assert_eq!(
+        send(&h.app, get("/api/admin/dlq?older_than_s=60")).await.status,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
 async fn queue_stats_name_vendors_and_workers_only_to_the_admin() {
     let h = harness(ApiConfig::default()).await;
     let a = new_vendor(&h.app, "vendor-secret-name").await;
-    let body = json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
+    let body =
+        json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
     assert_eq!(
         send(&h.app, json_req("/api/image-queue/jobs", &a, &body)).await.status,
         StatusCode::ACCEPTED
@@ -455,7 +489,13 @@ async fn queue_stats_name_vendors_and_workers_only_to_the_admin() {
         .await
         .unwrap();
 
-    let anon = send(&h.app, req("GET", "/api/image-queue/queue-stats", None).body(Body::empty()).unwrap()).await;
+    let anon = send(
+        &h.app,
+        req("GET", "/api/image-queue/queue-stats", None)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(anon.status, StatusCode::OK);
     let text = anon.body.to_string();
     for secret in ["vendor-secret-name", "host7", "4242"] {
@@ -468,17 +508,39 @@ async fn queue_stats_name_vendors_and_workers_only_to_the_admin() {
     assert!(stage["live_workers"].is_u64(), "{stage}");
 
     // A vendor's key is not the admin key.
-    let vendor = send(&h.app, req("GET", "/api/image-queue/queue-stats", Some(&a)).body(Body::empty()).unwrap()).await;
+    let vendor = send(
+        &h.app,
+        req("GET", "/api/image-queue/queue-stats", Some(&a))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert!(!vendor.body.to_string().contains("vendor-secret-name"));
 
-    let health = send(&h.app, req("GET", "/api/worker/health", None).body(Body::empty()).unwrap()).await;
+    let health = send(
+        &h.app,
+        req("GET", "/api/worker/health", None).body(Body::empty()).unwrap(),
+    )
+    .await;
     assert!(!health.body.to_string().contains("host7"), "{}", health.body);
 
     // The figures are cached for a moment; the admin's view is complete.
-    let admin = send(&h.app, req("GET", "/api/image-queue/queue-stats", Some(ADMIN)).body(Body::empty()).unwrap()).await;
+    let admin = send(
+        &h.app,
+        req("GET", "/api/image-queue/queue-stats", Some(ADMIN))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(admin.body["vendor_backlog"]["vendor-secret-name"], 1, "{}", admin.body);
     assert!(admin.body.to_string().contains("host7.internal"));
-    let health = send(&h.app, req("GET", "/api/worker/health", Some(ADMIN)).body(Body::empty()).unwrap()).await;
+    let health = send(
+        &h.app,
+        req("GET", "/api/worker/health", Some(ADMIN))
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(health.body["workers"][0]["pid"], 4242, "{}", health.body);
 }
 
@@ -491,7 +553,8 @@ async fn a_vendor_holds_at_most_its_share_of_event_streams() {
     let h = harness(config).await;
     let a = new_vendor(&h.app, "vendor-a").await;
     let b = new_vendor(&h.app, "vendor-b").await;
-    let body = json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
+    let body =
+        json!({"operations": ["resize"], "images": [{"url": "https://images.example.com/a.jpg", "record_id": "a"}]});
     let job_a = send(&h.app, json_req("/api/image-queue/jobs", &a, &body)).await.body["job_id"]
         .as_str()
         .unwrap()

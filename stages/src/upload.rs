@@ -404,15 +404,10 @@ impl Stage for UploadStage {
                 continue;
             }
             let Some(blob) = out.blob.clone() else { continue };
-            let bytes = self
-                .ctx
-                .blobs
-                .get(&blob)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(blob, error = %e, "reading a result blob failed");
-                    StageError::retryable(format!("reading blob {blob}: {}", e.kind()))
-                })?;
+            let bytes = self.ctx.blobs.get(&blob).await.map_err(|e| {
+                tracing::warn!(blob, error = %e, "reading a result blob failed");
+                StageError::retryable(format!("reading blob {blob}: {}", e.kind()))
+            })?;
             let ext = blob.rsplit('.').next().unwrap_or("bin").to_string();
             let url = self.store(&mut event, &name, &ext, &out.content_type, bytes).await?;
             let o = event.outputs.get_mut(&name).expect("listed above");

@@ -31,6 +31,10 @@ async fn a_local_upload_error_names_no_server_path() {
     let root = dir.path().to_string_lossy().to_string();
     assert!(!err.message.contains(&root), "{}", err.message);
     assert!(!err.message.contains("not-a-directory"), "{}", err.message);
-    assert!(err.message.contains("job-1"), "the error names the object: {}", err.message);
+    assert!(
+        err.message.contains("job-1"),
+        "the error names the object: {}",
+        err.message
+    );
     assert!(err.is_retryable(), "{}", err.message);
 }
