@@ -26,7 +26,10 @@ use crate::AppState;
 /// is held while collecting, so concurrent callers wait for one collection
 /// instead of each starting their own.
 #[derive(Clone, Default)]
-pub struct StatsCache(Arc<Mutex<Option<(Instant, Arc<PipelineStats>)>>>);
+pub struct StatsCache(Arc<Mutex<Option<Collected>>>);
+
+/// Figures and when they were collected.
+type Collected = (Instant, Arc<PipelineStats>);
 
 impl StatsCache {
     async fn get(&self, state: &AppState) -> Result<Arc<PipelineStats>, ApiError> {
