@@ -129,12 +129,7 @@ pub async fn serve_api_on(
         media_dir: Some(config.media_dir()),
     };
     info!(listen = %listener.local_addr()?, "API listening");
-    axum::serve(
-        listener,
-        app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await?;
+    image_queue_api::serve(listener, app(state), &config.api.server, shutdown.cancelled()).await?;
     Ok(())
 }
 

@@ -53,6 +53,7 @@ async fn stats_health_metrics_and_the_stats_command_describe_a_running_pipeline(
         let s: Value = api
             .client
             .get(api.url("/api/image-queue/queue-stats"))
+            .bearer_auth(ADMIN_KEY)
             .send()
             .await
             .unwrap()
@@ -118,7 +119,15 @@ async fn stats_health_metrics_and_the_stats_command_describe_a_running_pipeline(
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
     env.submit("vendor-b", 1, 3, &[Operation::Resize], 32).await;
-    let health = api.client.get(api.url("/api/worker/health")).send().await.unwrap();
+    // The API serves figures up to a second old (api.stats_cache_ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let health = loop {
+        let health = api.client.get(api.url("/api/worker/health")).send().await.unwrap();
+        if health.status().as_u16() == 503 || std::time::Instant::now() > deadline {
+            break health;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(health.status().as_u16(), 503);
     let body: Value = health.json().await.unwrap();
     assert_eq!(body["stages_without_workers"], serde_json::json!(["rate-check"]));

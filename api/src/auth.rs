@@ -6,6 +6,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use image_queue_pipeline::Pipeline;
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
@@ -92,10 +93,16 @@ impl Auth {
     fn is_admin(&self, key: &str) -> bool {
         self.admin_key_hash.is_some_and(|h| bool::from(h.ct_eq(&sha256(key))))
     }
+
+    /// Whether a request carries the admin key, for routes that answer
+    /// everyone but show operators more.
+    pub fn is_admin_request(&self, headers: &HeaderMap) -> bool {
+        bearer(headers).is_some_and(|k| self.is_admin(k))
+    }
 }
 
-fn bearer(parts: &Parts) -> Option<&str> {
-    let v = parts.headers.get("authorization")?.to_str().ok()?;
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("authorization")?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
@@ -104,7 +111,7 @@ impl FromRequestParts<AppState> for Vendor {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        let key = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
         match state.auth.vendor_of(key).await? {
             Some(v) => Ok(Vendor(v)),
             None => Err(ApiError::Unauthorized),
@@ -116,7 +123,7 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let key = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        let key = bearer(&parts.headers).ok_or(ApiError::Unauthorized)?;
         if state.auth.is_admin(key) {
             return Ok(Admin);
         }

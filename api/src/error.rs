@@ -75,9 +75,37 @@ impl ApiError {
     }
 }
 
+/// How long a client is told to wait when Redis cannot serve: long enough
+/// not to hammer a Redis that is loading or out of memory.
+pub const UNAVAILABLE_RETRY_AFTER_S: u64 = 5;
+
+/// Whether Redis refused for a state it will leave (out of memory, busy
+/// with a script, loading its data, a read-only replica, not yet
+/// authenticated, unable to persist), not for anything in the request.
+pub fn redis_unavailable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some(
+                "OOM"
+                    | "BUSY"
+                    | "LOADING"
+                    | "READONLY"
+                    | "NOAUTH"
+                    | "MISCONF"
+                    | "MASTERDOWN"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+            )
+        )
+}
+
 impl From<redis::RedisError> for ApiError {
     fn from(e: redis::RedisError) -> Self {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_connection_refusal() {
+        if redis_unavailable(&e) {
             tracing::warn!(error = %e, "redis unavailable");
             ApiError::Unavailable
         } else {
@@ -104,6 +132,10 @@ impl IntoResponse for ApiError {
                     resp.headers_mut().insert(name, v);
                 }
             }
+        }
+        if let ApiError::Unavailable = &self {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from(UNAVAILABLE_RETRY_AFTER_S));
         }
         resp
     }

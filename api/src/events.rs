@@ -10,13 +10,15 @@
 //! its job when it falls behind and every little while, and so cannot hang
 //! on a message lost to a reconnection.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures::StreamExt;
 use image_queue_pipeline::jobs::{is_terminal, JobView};
 use image_queue_pipeline::Pipeline;
@@ -139,6 +141,44 @@ async fn fan_out(hub: ProgressHub, mut pubsub: redis::aio::PubSub, tx: broadcast
     }
 }
 
+/// The event streams open in this process, per vendor: each vendor may
+/// hold at most `max_event_streams_per_vendor` of them.
+#[derive(Clone, Default)]
+pub struct OpenStreams(Arc<Mutex<HashMap<String, usize>>>);
+
+/// One open stream, counted until dropped.
+struct StreamSlot {
+    open: OpenStreams,
+    vendor: String,
+}
+
+impl OpenStreams {
+    fn acquire(&self, vendor: &str, max: usize) -> Option<StreamSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(vendor.to_string()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            open: self.clone(),
+            vendor: vendor.to_string(),
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.vendor) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.vendor);
+            }
+        }
+    }
+}
+
 fn job_event(name: &str, job: &JobView) -> Event {
     Event::default()
         .event(name)
@@ -155,13 +195,20 @@ fn job_event(name: &str, job: &JobView) -> Event {
         (status = 200, description = "text/event-stream of `job`, `progress` and a final `done` event", content_type = "text/event-stream", body = String),
         (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
         (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+        (status = 429, description = "Rate limited, or too many open streams; see Retry-After", body = crate::openapi::ErrorBody)
     ))]
 pub async fn job_events(
     State(state): State<AppState>,
+    Extension(open): Extension<OpenStreams>,
     vendor: Vendor,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let max = state.config.max_event_streams_per_vendor;
+    let slot = open.acquire(&vendor.0, max).ok_or_else(|| ApiError::TooManyRequests {
+        message: format!("at most {max} event streams may be open at once; close one first"),
+        retry_after_s: 5,
+        headers: Vec::new(),
+    })?;
     let rate = crate::routes::limit_reads(&state, &vendor).await?;
     // Subscribe first, then read: a transition in between is seen twice
     // (in the snapshot and as a message), never missed.
@@ -169,6 +216,8 @@ pub async fn job_events(
     let job = state.jobs.get(Some(&vendor.0), &id).await?.ok_or(ApiError::NotFound)?;
     let (out, stream) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        // Held as long as the stream is open.
+        let _slot = slot;
         let terminal = job.is_terminal();
         if out
             .send(job_event(if terminal { "done" } else { "job" }, &job))
@@ -218,6 +267,9 @@ pub async fn job_events(
                         return;
                     }
                 }
+                // The client went away: free its slot now, not at the next
+                // message or recheck.
+                _ = out.closed() => return,
             }
         }
     });

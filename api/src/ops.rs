@@ -2,7 +2,8 @@
 //! delete, purge) and looking up any vendor's job. All need the admin key;
 //! a vendor key is refused with 403.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,6 +14,7 @@ use serde_json::json;
 
 use crate::auth::Admin;
 use crate::error::ApiError;
+use crate::routes::{parse_json, read_limited};
 use crate::AppState;
 
 /// The filters of the dead-letter routes, as query parameters.
@@ -55,6 +57,13 @@ impl DlqQuery {
     }
 }
 
+/// A query that does not parse (a number that is not one, an unknown
+/// parameter) is the client's error, answered in the API's error shape.
+fn bad_query(q: Result<Query<DlqQuery>, QueryRejection>) -> Result<DlqQuery, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+}
+
 fn no_such_dead_letter() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -65,7 +74,12 @@ fn no_such_dead_letter() -> Response {
 
 /// `GET /api/admin/dlq?stage=&vendor=&job=&error=&older_than_s=&newer_than_s=&limit=`:
 /// newest first.
-pub async fn list(_: Admin, State(state): State<AppState>, Query(q): Query<DlqQuery>) -> Result<Response, ApiError> {
+pub async fn list(
+    _: Admin,
+    State(state): State<AppState>,
+    q: Result<Query<DlqQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = bad_query(q)?;
     let filter = q.filter()?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let p = state.jobs.pipeline();
@@ -98,10 +112,17 @@ pub async fn replay(
     _: Admin,
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Option<Json<ReplayBody>>,
+    req: Request,
 ) -> Result<Response, ApiError> {
+    // The body is optional: empty, or JSON in the API's error shape.
+    let bytes = read_limited(req, state.config.max_json_bytes).await?;
+    let body: Option<ReplayBody> = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        Some(parse_json(&bytes)?)
+    };
     let to = body
-        .and_then(|Json(b)| b.stage)
+        .and_then(|b| b.stage)
         .filter(|s| !s.is_empty())
         .map(|s| parse_stage(&s))
         .transpose()?;
@@ -127,7 +148,12 @@ pub async fn delete(_: Admin, State(state): State<AppState>, Path(id): Path<Stri
 
 /// `DELETE /api/admin/dlq?<filters>`: purge every match; no filter at all
 /// needs `all=true`, so a stray request cannot empty the stream.
-pub async fn purge(_: Admin, State(state): State<AppState>, Query(q): Query<DlqQuery>) -> Result<Response, ApiError> {
+pub async fn purge(
+    _: Admin,
+    State(state): State<AppState>,
+    q: Result<Query<DlqQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let q = bad_query(q)?;
     let filter = q.filter()?;
     if filter.is_empty() && q.all != Some(true) {
         return Err(ApiError::Unprocessable(

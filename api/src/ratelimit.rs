@@ -213,6 +213,45 @@ pub async fn check(state: &AppState, checks: &[Check]) -> Result<RateState, ApiE
     })
 }
 
+/// What each limit in `checks` has left, spending nothing: per check, the
+/// units remaining and the ms until its oldest unit leaves the window.
+/// With limits off, every limit has all it allows.
+pub async fn peek(state: &AppState, checks: &[Check]) -> Result<Vec<(u64, u64)>, ApiError> {
+    if !state.config.rate_limits.enabled || checks.is_empty() {
+        return Ok(checks.iter().map(|c| (c.limit.max, 0)).collect());
+    }
+    let p = state.jobs.pipeline();
+    let mut inv = p.scripts.rate_limit.prepare_invoke();
+    inv.arg(hex::encode(rand::random::<[u8; 16]>()));
+    for c in checks {
+        // A cost of 0 is never refused nor recorded: the script only counts.
+        inv.key(p.keys.rate_limit(c.name, &c.subject))
+            .arg(c.limit.max)
+            .arg(c.limit.window_secs.saturating_mul(1000))
+            .arg(0);
+    }
+    let mut conn = p.conn.clone();
+    let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
+    if out.len() != 3 + 2 * checks.len() {
+        return Err(ApiError::Internal(format!("rate_limit.lua answered {out:?}")));
+    }
+    Ok((0..checks.len())
+        .map(|i| (out[3 + 2 * i].max(0) as u64, out[4 + 2 * i].max(0) as u64))
+        .collect())
+}
+
+/// The 429 of a request refused by `c`, to retry in `retry_after_s`.
+pub fn refusal(c: &Check, retry_after_s: u64) -> ApiError {
+    ApiError::TooManyRequests {
+        message: format!(
+            "rate limit {:?} reached ({} per {} s); retry in {retry_after_s} s",
+            c.name, c.limit.max, c.limit.window_secs
+        ),
+        retry_after_s,
+        headers: Vec::new(),
+    }
+}
+
 /// The client's address: the peer's, unless the peer is a trusted proxy,
 /// in which case `X-Forwarded-For` is walked from its right end (the hop our
 /// proxy added) past every trusted proxy to the first address that is not.

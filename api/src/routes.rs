@@ -1,19 +1,16 @@
 //! The route handlers, one per route, all of the same shape: extract,
 //! check, call the job store, answer.
 
-use std::collections::HashMap;
-
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Bytes;
-use image_queue_pipeline::blob::blob_key;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use image_queue_pipeline::estimate::StartEstimate;
 use image_queue_pipeline::jobs::{is_terminal, Cancelled};
-use image_queue_pipeline::{stats, NewImage, NewJob, Operation, Source};
-use image_queue_stages::decode::{screen, sniff, ScreenError};
+use image_queue_pipeline::{NewImage, NewJob, Operation, Source};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -21,7 +18,7 @@ use serde_json::json;
 use crate::auth::Vendor;
 use crate::error::ApiError;
 use crate::ratelimit::{self, Check, RateState};
-use crate::AppState;
+use crate::{upload, AppState};
 
 /// A JSON body, refused in the API's own error shape: 415 without a JSON
 /// content type, 413 over `max_json_bytes`, 400 if it is not JSON at all,
@@ -40,20 +37,37 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if !is_json {
             return Err(ApiError::UnsupportedMediaType("send application/json".into()));
         }
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::PayloadTooLarge(e.body_text()))?;
-        parse_json(state, &body).map(JsonBody)
+        let body = read_limited(req, state.config.max_json_bytes).await?;
+        parse_json(&body).map(JsonBody)
     }
 }
 
-fn parse_json<T: DeserializeOwned>(state: &AppState, body: &[u8]) -> Result<T, ApiError> {
-    if body.len() > state.config.max_json_bytes {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "JSON bodies are limited to {} bytes",
-            state.config.max_json_bytes
-        )));
+/// A body of at most `limit` bytes, refused as soon as it is known to be
+/// larger: by its declared length before a byte is read, or at the first
+/// chunk that passes the limit, never read whole.
+pub(crate) async fn read_limited(req: Request, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::PayloadTooLarge(format!("bodies here are limited to {limit} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
     }
+    let mut body = req.into_body().into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("reading the request body failed: {e}")))?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
             ApiError::BadRequest(format!("malformed JSON: {e}"))
@@ -64,7 +78,7 @@ fn parse_json<T: DeserializeOwned>(state: &AppState, body: &[u8]) -> Result<T, A
 }
 
 /// Query strings, refused in the API's own error shape.
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(q)| q)
         .map_err(|e| ApiError::Unprocessable(format!("invalid query: {}", e.body_text())))
 }
@@ -100,7 +114,7 @@ pub struct JsonJob {
     pub images: Vec<JsonImage>,
 }
 
-fn parse_operations<'a>(ops: impl IntoIterator<Item = &'a str>) -> Result<Vec<Operation>, ApiError> {
+pub(crate) fn parse_operations<'a>(ops: impl IntoIterator<Item = &'a str>) -> Result<Vec<Operation>, ApiError> {
     let mut out = Vec::new();
     for s in ops {
         let s = s.trim();
@@ -120,10 +134,17 @@ fn parse_operations<'a>(ops: impl IntoIterator<Item = &'a str>) -> Result<Vec<Op
     Ok(out)
 }
 
-fn check_record_id(r: &str) -> Result<(), ApiError> {
+pub(crate) fn check_record_id(r: &str) -> Result<(), ApiError> {
     if r.is_empty() || r.len() > 255 {
         return Err(ApiError::Unprocessable(
             "each image needs a record_id of 1–255 characters".into(),
+        ));
+    }
+    // A NUL is refused by PostgreSQL at commit, after the work is done;
+    // control characters have no place in an id either.
+    if r.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(
+            "record_id must not contain NUL or other control characters".into(),
         ));
     }
     Ok(())
@@ -146,11 +167,6 @@ fn check_url(state: &AppState, u: &str) -> Result<(), ApiError> {
         .map_err(|why| ApiError::Unprocessable(format!("image URL refused: {why}: {u:.80}")))
 }
 
-/// How much of each upload's start is kept for screening: enough for any
-/// header we accept but the rare JPEG with huge metadata (left to the
-/// pipeline's decoder).
-const SCREEN_HEAD_BYTES: usize = 64 * 1024;
-
 /// `POST /api/image-queue/jobs`: JSON with URLs, or multipart with files.
 #[utoipa::path(post, path = "/api/image-queue/jobs", tag = "jobs",
     description = "Submit a job: JSON with image URLs, or multipart/form-data with `images` files, one `record_id` per image and `operations` (comma-separated). An `Idempotency-Key` header makes retries safe.",
@@ -158,12 +174,13 @@ const SCREEN_HEAD_BYTES: usize = 64 * 1024;
     responses(
         (status = 202, description = "Queued", body = crate::openapi::Submitted),
         (status = 200, description = "An earlier submit with this Idempotency-Key made this job", body = crate::openapi::Submitted),
-        (status = 400, description = "Malformed body", body = crate::openapi::ErrorBody),
+        (status = 400, description = "Malformed body, or a record_id with control characters", body = crate::openapi::ErrorBody),
         (status = 413, description = "Too many images, or an image too large", body = crate::openapi::ErrorBody),
         (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::openapi::ErrorBody),
         (status = 422, description = "Invalid job (unknown field or operation, bad URL)", body = crate::openapi::ErrorBody),
         (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody),
+        (status = 503, description = "Redis cannot take the job now (out of memory, loading); see Retry-After", body = crate::openapi::ErrorBody)
     ))]
 pub async fn submit(
     State(state): State<AppState>,
@@ -203,19 +220,19 @@ pub async fn submit(
         }
         (ops, images)
     } else if content_type.starts_with("multipart/form-data") {
-        let mut multipart = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        read_multipart(&state, &job_id, &mut multipart).await?
+        upload::read_multipart(&state, &vendor, &job_id, req).await?
     } else {
         return Err(ApiError::UnsupportedMediaType(
             "send application/json (image URLs) or multipart/form-data (image files)".into(),
         ));
     };
+    // From here on, a refusal removes what the upload stored.
+    let drop_blobs = || async { state.blobs.delete_job(&job_id).await.ok() };
     if images.is_empty() {
         return Err(ApiError::Unprocessable("a job needs at least one image".into()));
     }
     if images.len() > state.config.max_images_per_job {
+        drop_blobs().await;
         return Err(ApiError::PayloadTooLarge(format!(
             "a job holds at most {} images",
             state.config.max_images_per_job
@@ -225,8 +242,15 @@ pub async fn submit(
     // A retry of a submit that already made its job is answered without
     // spending quota on it again (submit.lua settles races between retries).
     if let Some(key) = &idempotency_key {
-        if let Some(existing) = state.jobs.idempotent_job(&vendor.0, key).await? {
-            state.blobs.delete_job(&job_id).await.ok();
+        let existing = match state.jobs.idempotent_job(&vendor.0, key).await {
+            Ok(e) => e,
+            Err(e) => {
+                drop_blobs().await;
+                return Err(e.into());
+            }
+        };
+        if let Some(existing) = existing {
+            drop_blobs().await;
             return Ok(submitted_response(StatusCode::OK, &existing, n, None));
         }
     }
@@ -256,7 +280,7 @@ pub async fn submit(
     let rate = match ratelimit::check(&state, &checks).await {
         Ok(rs) => rs,
         Err(e) => {
-            state.blobs.delete_job(&job_id).await.ok();
+            drop_blobs().await;
             return Err(e);
         }
     };
@@ -285,10 +309,22 @@ pub async fn submit(
                 .and_then(|v| v.to_str().ok())
                 .map(String::from),
         })
-        .await?;
+        .await;
+    let submitted = match submitted {
+        Ok(s) => s,
+        Err(e) => {
+            // Refused by Redis (out of memory, loading, ...): no job was
+            // made. A lost connection may have made it after all; then its
+            // blobs stay, for the job or for the sweep.
+            if !(e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) {
+                drop_blobs().await;
+            }
+            return Err(e.into());
+        }
+    };
     if !submitted.created {
         // An earlier submit with the same key made the job; drop our blobs.
-        state.blobs.delete_job(&job_id).await.ok();
+        drop_blobs().await;
     }
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -318,119 +354,6 @@ fn submitted_response(status: StatusCode, job_id: &str, images: usize, estimate:
 fn hex_of(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
-}
-
-fn not_an_image(index: usize, why: &str) -> ApiError {
-    ApiError::UnsupportedMediaType(format!("file {}: {why}", index + 1))
-}
-
-async fn read_multipart(
-    state: &AppState,
-    job_id: &str,
-    multipart: &mut Multipart,
-) -> Result<(Vec<Operation>, Vec<NewImage>), ApiError> {
-    let mut ops_field = None;
-    let mut record_ids = Vec::new();
-    let mut blobs = Vec::new();
-    let max = state.config.max_image_bytes;
-    let bad = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge(format!("images are limited to {max} bytes each"))
-        } else {
-            ApiError::BadRequest(format!("malformed multipart body: {}", e.body_text()))
-        }
-    };
-    let result = async {
-        while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
-            match field.name().unwrap_or("") {
-                "operations" => ops_field = Some(field.text().await.map_err(bad)?),
-                "record_id" => record_ids.push(field.text().await.map_err(bad)?),
-                "images" => {
-                    if blobs.len() >= state.config.max_images_per_job {
-                        return Err(ApiError::PayloadTooLarge(format!(
-                            "a job holds at most {} images",
-                            state.config.max_images_per_job
-                        )));
-                    }
-                    // Streamed to the blob store as it arrives: a job of
-                    // 100 images of 25 MB never sits in memory. The first
-                    // bytes decide whether it is an image at all.
-                    let index = blobs.len();
-                    let key = blob_key(job_id, index as u32, "original");
-                    let stored = |e: std::io::Error| ApiError::Internal(format!("storing an upload: {e}"));
-                    let mut writer = state.blobs.writer(&key).await.map_err(stored)?;
-                    let mut head = Vec::with_capacity(4096);
-                    let mut tail: Vec<u8> = Vec::with_capacity(32);
-                    let mut size = 0u64;
-                    while let Some(chunk) = field.chunk().await.map_err(bad)? {
-                        size += chunk.len() as u64;
-                        if size > max {
-                            return Err(ApiError::PayloadTooLarge(format!(
-                                "images are limited to {max} bytes each"
-                            )));
-                        }
-                        if head.len() < SCREEN_HEAD_BYTES {
-                            let was = head.len();
-                            head.extend_from_slice(&chunk[..chunk.len().min(SCREEN_HEAD_BYTES - was)]);
-                            // Refuse a non-image at its first bytes, not at its end.
-                            if was < 16 && head.len() >= 16 && sniff(&head).is_none() {
-                                return Err(not_an_image(index, "not a JPEG, PNG, WebP or GIF image"));
-                            }
-                        }
-                        tail.extend_from_slice(&chunk[chunk.len().saturating_sub(16)..]);
-                        tail.drain(..tail.len().saturating_sub(16));
-                        writer.write(&chunk).await.map_err(stored)?;
-                    }
-                    screen(&head, &tail, size, &state.config.decode).map_err(|e| match e {
-                        ScreenError::Unsupported(why) => not_an_image(index, &why),
-                        ScreenError::Invalid(why) => ApiError::Unprocessable(format!("file {}: {why}", index + 1)),
-                    })?;
-                    writer.commit().await.map_err(stored)?;
-                    blobs.push(key);
-                }
-                other => {
-                    return Err(ApiError::Unprocessable(format!(
-                        "unknown field {other:?}: send images, record_id and operations"
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-    .await;
-    let fail = |e| async {
-        state.blobs.delete_job(job_id).await.ok();
-        Err(e)
-    };
-    if let Err(e) = result {
-        return fail(e).await;
-    }
-    let ops = match parse_operations(ops_field.as_deref().unwrap_or("").split(',')) {
-        Ok(o) => o,
-        Err(e) => return fail(e).await,
-    };
-    if record_ids.len() != blobs.len() {
-        return fail(ApiError::Unprocessable(format!(
-            "{} images but {} record_id fields: send one record_id per image, in order",
-            blobs.len(),
-            record_ids.len()
-        )))
-        .await;
-    }
-    for r in &record_ids {
-        if let Err(e) = check_record_id(r) {
-            return fail(e).await;
-        }
-    }
-    let images = blobs
-        .into_iter()
-        .zip(record_ids)
-        .map(|(key, record_id)| NewImage {
-            source: Source::Blob(key),
-            record_id,
-        })
-        .collect();
-    Ok((ops, images))
 }
 
 /// `GET /api/image-queue/job/{id}`.
@@ -560,47 +483,8 @@ pub async fn list(
     Ok(with_rate(Json(body).into_response(), &rate))
 }
 
-/// `GET /api/image-queue/queue-stats`: per-stage stream figures.
-pub async fn queue_stats(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let s = stats::collect(state.jobs.pipeline()).await?;
-    Ok(Json(s).into_response())
-}
-
-/// `GET /api/worker/health`: live workers; 503 if a stage has work and no
-/// live worker.
-pub async fn worker_health(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let s = stats::collect(state.jobs.pipeline()).await?;
-    let mut live: HashMap<&str, usize> = HashMap::new();
-    for w in &s.workers {
-        *live.entry(w.stage.as_str()).or_default() += 1;
-    }
-    let starved: Vec<&str> = s
-        .stages
-        .iter()
-        .filter(|st| (st.lag > 0 || st.pending > 0) && !live.contains_key(st.stage.as_str()))
-        .map(|st| st.stage.as_str())
-        .collect();
-    let status = if starved.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    Ok((
-        status,
-        Json(json!({"healthy": starved.is_empty(), "stages_without_workers": starved, "workers": s.workers})),
-    )
-        .into_response())
-}
-
 pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
-}
-
-/// Ready when Redis answers.
-pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut conn = state.jobs.pipeline().conn.clone();
-    let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-    Ok(Json(json!({"status": "ready"})).into_response())
 }
 
 pub async fn not_found() -> ApiError {

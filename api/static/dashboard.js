@@ -29,7 +29,8 @@ function stageCard(s) {
 
 async function refreshStats() {
   try {
-    const st = await api("/api/image-queue/queue-stats");
+    // Vendors, consumers and hosts are shown only with the admin key.
+    const st = await api("/api/image-queue/queue-stats", { key: adminKey() });
     const parts = [];
     st.stages.forEach((s, i) => {
       if (i) parts.push(el("div", { class: "arrow" }, "→"));
@@ -38,11 +39,11 @@ async function refreshStats() {
     document.getElementById("pipeline").replaceChildren(...parts);
     document.getElementById("advice").replaceChildren(
       ...st.stages.filter((s) => s.advice).map((s) => el("p", { class: "advice" }, s.advice)));
-    const vendors = Object.entries(st.vendor_backlog).map(([v, n]) => `${v}: ${n}`).join(", ");
+    const vendors = Object.entries(st.vendor_backlog || {}).map(([v, n]) => `${v}: ${n}`).join(", ");
     document.getElementById("totals").textContent =
-      `· ${st.workers.length} live worker(s) · ${st.dead_letters} dead letter(s)` + (vendors ? ` · backlog ${vendors}` : "");
-    document.getElementById("consumers").replaceChildren(...st.stages.flatMap((s) => s.consumers.map((c) => {
-      const beat = st.workers.find((w) => w.consumer === c.name);
+      `· ${st.stages.reduce((n, s) => n + s.live_workers, 0)} live worker(s) · ${st.dead_letters} dead letter(s)` + (vendors ? ` · backlog ${vendors}` : "");
+    document.getElementById("consumers").replaceChildren(...st.stages.flatMap((s) => (s.consumers || []).map((c) => {
+      const beat = (st.workers || []).find((w) => w.consumer === c.name);
       return el("tr", {},
         el("td", {}, s.stage), el("td", {}, c.name), el("td", {}, c.host || "–"),
         el("td", {}, beat ? `${beat.in_flight}/${beat.concurrency}` : "–"),

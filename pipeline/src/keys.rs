@@ -172,6 +172,12 @@ impl Keys {
     pub fn webhook_retries(&self) -> String {
         format!("{}:webhook-retry", self.base)
     }
+
+    /// Written (with a short expiry) by the API's readiness check, to see
+    /// that Redis takes writes, not only that it answers.
+    pub fn ready_probe(&self) -> String {
+        format!("{}:ready-probe", self.base)
+    }
 }
 
 #[cfg(test)]

@@ -177,11 +177,11 @@ fn check_url(url: &reqwest::Url, policy: &AddressPolicy) -> Result<(), String> {
     match url.host() {
         None => Err("the URL has no host".into()),
         Some(url::Host::Ipv4(ip)) => match policy.refuse(IpAddr::V4(ip)) {
-            Some(why) => Err(format!("{ip} is {why}; it is not fetched")),
+            Some(why) => Err(format!("host not allowed: {ip} is {why}; it is not fetched")),
             None => Ok(()),
         },
         Some(url::Host::Ipv6(ip)) => match policy.refuse(IpAddr::V6(ip)) {
-            Some(why) => Err(format!("{ip} is {why}; it is not fetched")),
+            Some(why) => Err(format!("host not allowed: {ip} is {why}; it is not fetched")),
             None => Ok(()),
         },
         Some(url::Host::Domain(_)) => Ok(()),
@@ -211,19 +211,27 @@ impl Resolve for CheckedResolver {
                 }
                 Err(e) => return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
             };
-            let mut refused = None;
+            let mut refused = false;
             let allowed: Vec<SocketAddr> = addrs
                 .into_iter()
                 .filter(|a| match policy.refuse(a.ip()) {
                     Some(why) => {
-                        refused = Some(format!("{host} resolves to {}, {why}; it is not fetched", a.ip()));
+                        // What a name resolves to is ours to know, not the
+                        // caller's: an internal address is logged, never
+                        // put in the error a vendor reads.
+                        tracing::debug!(host, address = %a.ip(), why, "refused a resolved address");
+                        refused = true;
                         false
                     }
                     None => true,
                 })
                 .collect();
             if allowed.is_empty() {
-                let msg = refused.unwrap_or_else(|| format!("{host} has no address"));
+                let msg = if refused {
+                    format!("host not allowed: {host} is not fetched")
+                } else {
+                    format!("{host} has no address")
+                };
                 return Err(Box::new(ForbiddenAddress(msg)) as Box<dyn std::error::Error + Send + Sync>);
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
@@ -360,12 +368,14 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 fn classify(e: reqwest::Error) -> StageError {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
-    let mut refused = e.is_redirect() || e.is_builder();
+    let refused = e.is_redirect() || e.is_builder();
     while let Some(s) = source {
-        text = format!("{text}: {s}");
-        if s.downcast_ref::<ForbiddenAddress>().is_some() {
-            refused = true;
+        if let Some(f) = s.downcast_ref::<ForbiddenAddress>() {
+            // Our own refusal says all there is to say; the layers around
+            // it would only repeat the resolver's view.
+            return StageError::permanent(format!("fetching the image: {f}"));
         }
+        text = format!("{text}: {s}");
         source = s.source();
     }
     if refused || text.contains("is not fetched") {

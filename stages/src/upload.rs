@@ -287,16 +287,21 @@ impl UploadStage {
             Backend::Local { dir, public_base_url } => {
                 let key = object_key(ev, variant, ext);
                 let path = dir.join(&key);
+                // The error is shown to the vendor: it names the object's
+                // key, never where the media directory lives; the log has
+                // the path.
+                let failed = |e: std::io::Error| {
+                    tracing::warn!(path = %path.display(), error = %e, "storing a result failed");
+                    StageError::retryable(format!("storing result {key}: {}", e.kind()))
+                };
                 if let Some(parent) = path.parent() {
-                    tokio::fs::create_dir_all(parent)
-                        .await
-                        .map_err(|e| StageError::retryable(format!("creating {}: {e}", parent.display())))?;
+                    tokio::fs::create_dir_all(parent).await.map_err(failed)?;
                 }
                 let tmp = path.with_extension("partial");
                 tokio::fs::write(&tmp, &bytes)
                     .await
                     .and(tokio::fs::rename(&tmp, &path).await)
-                    .map_err(|e| StageError::retryable(format!("writing {key}: {e}")))?;
+                    .map_err(failed)?;
                 Ok(format!("{}/{}", public_base_url.trim_end_matches('/'), key))
             }
             Backend::Cloudinary { client, folder } => {
@@ -407,12 +412,10 @@ impl Stage for UploadStage {
                 o.blob = None;
                 continue;
             }
-            let bytes = self
-                .ctx
-                .blobs
-                .get(&blob)
-                .await
-                .map_err(|e| StageError::retryable(format!("reading blob {blob}: {e}")))?;
+            let bytes = self.ctx.blobs.get(&blob).await.map_err(|e| {
+                tracing::warn!(blob, error = %e, "reading a result blob failed");
+                StageError::retryable(format!("reading blob {blob}: {}", e.kind()))
+            })?;
             let ext = blob.rsplit('.').next().unwrap_or("bin").to_string();
             let url = self.store(&mut event, &name, &ext, &out.content_type, bytes).await?;
             stored.insert(blob, url.clone());

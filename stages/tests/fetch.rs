@@ -204,3 +204,18 @@ async fn a_body_over_the_cap_is_cut_off_whatever_its_headers_say() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_refused_name_does_not_say_what_it_resolves_to() {
+    let f = fetcher(&[], 1 << 20);
+    let e = match f.fetch("http://localhost:9/img").await {
+        Ok(_) => panic!("localhost was fetched"),
+        Err(e) => e,
+    };
+    assert!(!e.is_retryable(), "{}", e.message);
+    assert!(e.message.contains("host not allowed"), "{}", e.message);
+    // What the name resolves to is the server's business, not the vendor's.
+    for internal in ["127.0.0.1", "::1", "loopback"] {
+        assert!(!e.message.contains(internal), "{}", e.message);
+    }
+}
