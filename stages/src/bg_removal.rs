@@ -180,10 +180,13 @@ impl Stage for BgRemovalStage {
     async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
         let bytes = self.ctx.working_image(&event).await?;
         let limits = self.limits.clone();
+        // Moved into whichever closure works on the pixels, and held there.
+        let admitted = limits.admit(&bytes).await?;
         match &self.engine {
             Engine::BorderKey { tolerance } => {
                 let tolerance = *tolerance;
                 let png = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     let img = decode(&bytes, &limits)?;
                     encode_png(&DynamicImage::ImageRgba8(border_key(&img, tolerance)), "the cutout")
                 })
@@ -195,6 +198,7 @@ impl Stage for BgRemovalStage {
                 let runtime = model.runtime();
                 let model = model.clone();
                 let png = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     let img = decode(&bytes, &limits)?;
                     // Inference failing on a decoded image is our fault
                     // (the model), not the image's: worth retrying elsewhere.
@@ -211,6 +215,7 @@ impl Stage for BgRemovalStage {
                 // bytes, which could be a decompression bomb for PIL or
                 // carry an EXIF rotation rembg would not apply.
                 let png = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     encode_png(&decode(&bytes, &limits)?, "the image for rembg")
                 })
                 .await?;
