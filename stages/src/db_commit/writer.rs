@@ -132,7 +132,7 @@ impl DbCommitStage {
         self.budget.load(Ordering::Relaxed)
     }
 
-    async fn read_max_packet(&self) -> Result<usize, sqlx::Error> {
+    pub(super) async fn read_max_packet(&self) -> Result<usize, sqlx::Error> {
         let v: (i64,) = sqlx::query_as("SELECT CAST(@@max_allowed_packet AS SIGNED)")
             .fetch_one(&self.pool)
             .await?;
