@@ -296,9 +296,7 @@ pub async fn run_deliveries(
     // Deliveries under way get a moment to finish; any still running after
     // it stay pending in the outbox, and a reclaim sends them again (which
     // receivers deduplicate on the delivery id).
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        while in_flight.join_next().await.is_some() {}
-    });
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while in_flight.join_next().await.is_some() {} });
     if drained.await.is_err() {
         in_flight.shutdown().await;
     }

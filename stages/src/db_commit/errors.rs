@@ -23,8 +23,8 @@ pub enum Refusal {
 /// character string (1300), no default (1364), too long (1406), foreign
 /// keys (1216, 1217, 1451, 1452), check constraints (3819, 4025).
 const MYSQL_DATA_ERRORS: [u16; 20] = [
-    1048, 1062, 1169, 1216, 1217, 1263, 1264, 1265, 1292, 1300, 1364, 1366, 1367, 1406, 1411, 1451, 1452, 1690,
-    3819, 4025,
+    1048, 1062, 1169, 1216, 1217, 1263, 1264, 1265, 1292, 1300, 1364, 1366, 1367, 1406, 1411, 1451, 1452, 1690, 3819,
+    4025,
 ];
 
 /// Sorts a failed write into its [`Refusal`].
@@ -38,7 +38,10 @@ pub fn classify(e: &sqlx::Error) -> Refusal {
     use sqlx::error::ErrorKind;
     if matches!(
         d.kind(),
-        ErrorKind::UniqueViolation | ErrorKind::ForeignKeyViolation | ErrorKind::NotNullViolation | ErrorKind::CheckViolation
+        ErrorKind::UniqueViolation
+            | ErrorKind::ForeignKeyViolation
+            | ErrorKind::NotNullViolation
+            | ErrorKind::CheckViolation
     ) {
         return Refusal::InvalidData;
     }

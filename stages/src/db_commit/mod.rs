@@ -35,12 +35,12 @@ use image_queue_pipeline::{now_ms, ImageEvent, Outcome, Stage, StageError, Stage
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 
-pub use connect::{connect, migrate, Dialect};
 use connect::connect_with;
+pub use connect::{connect, migrate, Dialect};
 use errors::{classify, invalid_data, short, Refusal};
 pub use shop::{ShopParam, ShopUpdate};
-pub use writer::{chunk_rows, rows_of, ResultRow};
 use writer::budget_of;
+pub use writer::{chunk_rows, rows_of, ResultRow};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -167,10 +167,15 @@ impl Stage for DbCommitStage {
         }
         let mut settled: Vec<Option<Result<(), StageError>>> = vec![None; events.len()];
         // Runs of events still to write, each in a transaction of its own.
-        let mut todo = vec![0..events.len()];
+        let mut todo = Vec::new();
+        todo.push(0..events.len());
         while let Some(run) = todo.pop() {
             let slice = &rows[at[run.start]..at[run.end]];
-            let written = if slice.is_empty() { Ok(()) } else { self.write(slice).await };
+            let written = if slice.is_empty() {
+                Ok(())
+            } else {
+                self.write(slice).await
+            };
             let e = match written {
                 Ok(()) => {
                     settled[run].fill(Some(Ok(())));
@@ -201,10 +206,7 @@ impl Stage for DbCommitStage {
                     let ev = &events[run.start];
                     tracing::warn!(error = %e, job = %ev.job, image = ev.image, vendor = %ev.vendor,
                         "the database refused an image's results as invalid");
-                    settled[run.start] = Some(Err(StageError::permanent(format!(
-                        "database: {}",
-                        invalid_data(&e)
-                    ))));
+                    settled[run.start] = Some(Err(StageError::permanent(format!("database: {}", invalid_data(&e)))));
                 }
                 Refusal::Transient => {
                     tracing::warn!(error = %e, rows = slice.len(), "writing results failed");

@@ -162,5 +162,4 @@ mod tests {
         assert!(ShopUpdate::parse("UPDATE p SET u = 'x'", Dialect::Sqlite).is_err());
         assert!(ShopUpdate::parse("UPDATE p SET u = 'x", Dialect::Sqlite).is_err());
     }
-
 }
