@@ -7,7 +7,7 @@
 //!
 //! Decoding is also bounded per process: before an image is decoded,
 //! [`DecodeLimits::admit`] weighs it from its header (width × height × its
-//! decoded bytes per pixel, plus one 8-bit RGBA working copy) and waits
+//! decoded bytes per pixel, plus two 8-bit RGBA working copies) and waits
 //! until the process's `memory_budget` has room for it. The admission is
 //! held for as long as the stage works on the pixels, so however many images
 //! a worker is sent at once, the pixels it holds stay within the budget.
@@ -51,9 +51,11 @@ struct SharedBudget(Arc<OnceLock<Arc<Semaphore>>>);
 /// covers up to 4 TiB.
 const PERMIT_BYTES: u64 = 1024;
 
-/// What a stage holds besides the decoded image: one 8-bit RGBA working
-/// copy (scaling, encoding, a model's input), in bytes per pixel.
-const WORKING_BYTES_PER_PIXEL: u64 = 4;
+/// What a stage holds besides the decoded image, in bytes per pixel: two
+/// 8-bit RGBA working copies (resize converts the image to RGBA, and the
+/// scaler premultiplies alpha into a copy of its own; measured: a 7000 ×
+/// 7000 RGBA image peaks at about three times its 8-bit size).
+const WORKING_BYTES_PER_PIXEL: u64 = 8;
 
 /// An image's place in the process's decode budget: keep it for as long as
 /// its pixels (and what is made from them) are held; dropping it gives the
@@ -103,7 +105,7 @@ impl DecodeLimits {
 
 /// What an image weighs in the decode budget, from its header: its pixels
 /// at 8 bits per channel (16-bit images are reduced as they are decoded)
-/// plus one working copy.
+/// plus two working copies.
 fn weigh(bytes: &[u8], limits: &DecodeLimits) -> Result<u64, StageError> {
     if bytes.is_empty() {
         return Err(StageError::permanent("the image is empty (0 bytes)"));
