@@ -497,4 +497,47 @@ mod tests {
         let img = decode(&tagged, &DecodeLimits::default()).unwrap();
         assert_eq!((img.width(), img.height()), (20, 40));
     }
+
+    fn png_rgba16(w: u32, h: u32) -> Vec<u8> {
+        let img = image::ImageBuffer::from_pixel(w, h, image::Rgba([40_000u16, 20_000, 10_000, 65_535]));
+        let mut out = Vec::new();
+        DynamicImage::ImageRgba16(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sixteen_bit_pngs_come_out_at_8_bits() {
+        let img = decode(&png_rgba16(8, 6), &DecodeLimits::default()).unwrap();
+        assert_eq!((img.width(), img.height()), (8, 6));
+        assert_eq!(img.color(), image::ColorType::Rgba8);
+        assert_eq!(img.to_rgba8().get_pixel(3, 3).0, [156, 78, 39, 255]);
+    }
+
+    #[tokio::test]
+    async fn images_wait_for_the_shared_budget_and_one_over_it_is_refused() {
+        use futures::FutureExt;
+        let png = png_rgba16(100, 100);
+        // 100 × 100 × (4 + 8) bytes: about 117 KiB; room for one, not two.
+        let limits = DecodeLimits {
+            memory_budget: 200 * 1024,
+            ..DecodeLimits::default()
+        };
+        let first = limits.admit(&png).await.unwrap();
+        assert_eq!(first.weight, 100 * 100 * 12);
+        // A clone (another stage of the same process) shares the budget.
+        let other = limits.clone();
+        assert!(other.admit(&png).now_or_never().is_none(), "admitted beyond the budget");
+        drop(first);
+        let second = other.admit(&png).now_or_never().expect("room once the first is done");
+        assert!(second.is_ok());
+        let small = DecodeLimits {
+            memory_budget: 64 * 1024,
+            ..DecodeLimits::default()
+        };
+        let refused = small.admit(&png).await.unwrap_err();
+        assert!(!refused.is_retryable(), "{refused}");
+        assert!(refused.message.contains("decode.memory_budget"), "{refused}");
+    }
 }
