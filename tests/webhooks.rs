@@ -278,3 +278,97 @@ async fn a_doubtful_cutout_reaches_the_status_and_the_webhook_as_a_warning() {
     delivery.await.unwrap().unwrap();
     while stages.join_next().await.is_some() {}
 }
+
+/// A receiver that reports each call as it arrives and then holds it,
+/// unanswered, until `release` is cancelled: an endpoint that hangs.
+async fn hanging_receiver(release: CancellationToken) -> (String, mpsc::UnboundedReceiver<Call>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let (tx, release) = (tx.clone(), release.clone());
+            async move {
+                tx.send(Call {
+                    headers,
+                    body: body.to_vec(),
+                })
+                .ok();
+                release.cancelled().await;
+                StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/hook"), rx)
+}
+
+/// One vendor's endpoint hangs (longer than the sender's 30 s timeout)
+/// with several of its notices due; another vendor's notice, due after
+/// them, is still delivered promptly and recorded as delivered while the
+/// first vendor's calls are still held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_endpoint_does_not_delay_another_vendors_delivery() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let release = CancellationToken::new();
+    let (slow_url, mut slow_calls) = hanging_receiver(release.clone()).await;
+    let (fast_url, mut fast_calls) = receiver(0).await;
+    let hooks = Webhooks::new(env.pipeline.clone());
+    hooks.set("vendor-slow", &slow_url).await.unwrap();
+    hooks.set("vendor-fast", &fast_url).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let delivery = tokio::spawn(run_deliveries(
+        env.pipeline.clone(),
+        sender(true),
+        fast_delivery(),
+        shutdown.clone(),
+    ));
+
+    // The slow vendor's notices first, more of them than it may send at
+    // once; the fast vendor's job ends only once the slow endpoint is
+    // holding a call.
+    let slow = env.submit("vendor-slow", 4, 1, &[Operation::Resize], 64).await;
+    env.wait_terminal(&slow, Duration::from_secs(30)).await;
+    next_call(&mut slow_calls).await;
+    let fast = env.submit("vendor-fast", 1, 1, &[Operation::Resize], 64).await;
+    env.wait_terminal(&fast, Duration::from_secs(30)).await;
+
+    // Well under the 30 s the slow endpoint holds each call.
+    let call = tokio::time::timeout(Duration::from_secs(15), fast_calls.recv())
+        .await
+        .expect("the fast vendor's webhook waited for the slow vendor's endpoint")
+        .unwrap();
+    let notice: JobFinished = serde_json::from_slice(&call.body).unwrap();
+    assert_eq!(notice.job_id, fast[0]);
+    // Settled as soon as it finished, not with the slow ones.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let job = env.jobs.get(Some("vendor-fast"), &fast[0]).await.unwrap().unwrap();
+        match job.webhook {
+            Some(w) if w.starts_with("delivered") => break,
+            w if std::time::Instant::now() > deadline => panic!("the fast delivery was not settled: {w:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    // The slow vendor never had more than its share in flight, and its
+    // notices are still held, not given up.
+    assert!(
+        slow_calls.len() < WebhookDeliveryConfig::default().per_vendor_concurrency,
+        "more of the slow vendor's calls were sent at once than its share"
+    );
+    for id in &slow {
+        let job = env.jobs.get(Some("vendor-slow"), id).await.unwrap().unwrap();
+        assert!(
+            job.webhook.as_deref().is_none_or(|w| !w.starts_with("failed")),
+            "{:?}",
+            job.webhook
+        );
+    }
+
+    release.cancel();
+    shutdown.cancel();
+    delivery.await.unwrap().unwrap();
+    while stages.join_next().await.is_some() {}
+}

@@ -13,13 +13,23 @@
 //! the last attempt. The outcome is written on the job record, where the
 //! vendor's status reads show it. Receivers deduplicate on the job id, sent
 //! as the delivery id.
+//!
+//! Deliveries are independent of each other: each runs on its own and is
+//! settled as soon as it finishes, at most `concurrency` at once per
+//! process and `per_vendor_concurrency` per vendor, so an endpoint that
+//! hangs delays only its own vendor's notices (those over its share wait on
+//! the retry set a moment, their attempts not counted).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -145,6 +155,9 @@ impl Webhooks {
 pub struct WebhookDeliveryConfig {
     /// Notices sent at once, per process.
     pub concurrency: usize,
+    /// Notices of one vendor sent at once, per process: a vendor whose
+    /// endpoint hangs holds at most this many of the `concurrency` slots.
+    pub per_vendor_concurrency: usize,
     /// Attempts in all and the waits between them: receivers are often
     /// down for minutes, so the default spreads 8 attempts over about
     /// half an hour.
@@ -159,6 +172,7 @@ impl Default for WebhookDeliveryConfig {
     fn default() -> Self {
         WebhookDeliveryConfig {
             concurrency: 8,
+            per_vendor_concurrency: 2,
             retry: RetryPolicy {
                 max_attempts: 8,
                 base_ms: 2_000,
@@ -176,7 +190,7 @@ impl Default for WebhookDeliveryConfig {
 /// any hosts.
 pub async fn run_deliveries(
     p: Pipeline,
-    sender: std::sync::Arc<dyn WebhookSender>,
+    sender: Arc<dyn WebhookSender>,
     cfg: WebhookDeliveryConfig,
     shutdown: CancellationToken,
 ) -> redis::RedisResult<()> {
@@ -200,8 +214,31 @@ pub async fn run_deliveries(
     let mut reader = p.blocking_connection().await?;
     let mut claim_cursor = "0-0".to_string();
     let mut next_claim = 0u64;
+    let cfg = Arc::new(cfg);
+    // Each delivery runs on its own and is settled as soon as it finishes:
+    // a slot is taken per delivery in flight, and a vendor holds at most
+    // `per_vendor_concurrency` of them.
+    let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let per_vendor = cfg.per_vendor_concurrency.max(1);
+    let busy: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let mut in_flight = JoinSet::new();
     info!(consumer, "delivering webhooks");
     while !shutdown.is_cancelled() {
+        while let Some(done) = in_flight.try_join_next() {
+            if let Err(e) = done {
+                warn!(error = %e, "a webhook delivery task failed");
+            }
+        }
+        // Read only what there are free slots for; wait for one if none.
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let free = permits.len();
         if let Err(e) = promote_due(&p).await {
             warn!(error = %e, "promoting due webhook retries failed");
         }
@@ -216,7 +253,7 @@ pub async fn run_deliveries(
                 .arg(cfg.claim_idle_ms)
                 .arg(&claim_cursor)
                 .arg("COUNT")
-                .arg(cfg.concurrency)
+                .arg(free)
                 .query_async(&mut conn)
                 .await;
             if let Ok(r) = reply {
@@ -233,7 +270,7 @@ pub async fn run_deliveries(
                 .arg(GROUP)
                 .arg(&consumer)
                 .arg("COUNT")
-                .arg(cfg.concurrency)
+                .arg(free)
                 .arg("BLOCK")
                 .arg(block)
                 .arg("STREAMS")
@@ -255,10 +292,82 @@ pub async fn run_deliveries(
                 }
             }
         }
-        let work = entries.into_iter().map(|e| deliver_one(&p, sender.as_ref(), &cfg, e));
-        futures::future::join_all(work).await;
+        for entry in entries {
+            let vendor = entry.get::<String>("vendor").unwrap_or_default();
+            let taken = {
+                let mut b = busy.lock().unwrap();
+                let n = b.entry(vendor.clone()).or_insert(0);
+                let free = *n < per_vendor;
+                if free {
+                    *n += 1;
+                }
+                free
+            };
+            if !taken {
+                // The vendor's endpoint already has all it may: this notice
+                // goes back to the retry set for a moment, its attempt not
+                // counted, instead of holding a slot another vendor needs.
+                postpone(&p, &entry).await;
+                continue;
+            }
+            let permit = permits.pop().expect("one slot per entry read");
+            let (p, sender, cfg, busy) = (p.clone(), sender.clone(), cfg.clone(), busy.clone());
+            in_flight.spawn(async move {
+                deliver_one(&p, sender.as_ref(), &cfg, entry).await;
+                drop(permit);
+                let mut b = busy.lock().unwrap();
+                if let Some(n) = b.get_mut(&vendor) {
+                    *n -= 1;
+                    if *n == 0 {
+                        b.remove(&vendor);
+                    }
+                }
+            });
+        }
+    }
+    // Deliveries under way get a moment to finish; any still running after
+    // it stay pending in the outbox, and a reclaim sends them again (which
+    // receivers deduplicate on the delivery id).
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while in_flight.join_next().await.is_some() {} });
+    if drained.await.is_err() {
+        in_flight.shutdown().await;
     }
     Ok(())
+}
+
+/// How long deliveries under way may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a notice waits when its vendor has all the deliveries it may.
+const POSTPONE_MS: u64 = 500;
+
+/// Puts a notice back on the retry set for [`POSTPONE_MS`], acknowledged
+/// in the outbox, with the same attempt number and nothing written on the
+/// job. If Redis fails here the notice stays pending, for a reclaim.
+async fn postpone(p: &Pipeline, entry: &StreamId) {
+    let field = |k: &str| entry.get::<String>(k).unwrap_or_default();
+    let member = serde_json::json!({
+        "job": field("job"), "vendor": field("vendor"), "status": field("status"),
+        "finished_ms": field("finished_ms").parse::<u64>().unwrap_or(0),
+        "attempt": field("attempt").parse::<u32>().unwrap_or(1).max(1),
+    });
+    let mut conn = p.conn.clone();
+    let settled: redis::RedisResult<()> = p
+        .scripts
+        .settle_webhook
+        .key(p.keys.webhook_outbox())
+        .key(p.keys.webhook_retries())
+        .key("")
+        .arg(GROUP)
+        .arg(&entry.id)
+        .arg("")
+        .arg(member.to_string())
+        .arg(now_ms() + POSTPONE_MS)
+        .invoke_async(&mut conn)
+        .await;
+    if let Err(e) = settled {
+        warn!(error = %e, "postponing a webhook delivery failed");
+    }
 }
 
 /// Sends one notice and settles it: acknowledged either way, with a retry

@@ -303,10 +303,13 @@ impl Stage for BgRemovalStage {
         let bytes = self.ctx.working_image(&event).await?;
         let original = bytes.clone();
         let limits = self.limits.clone();
+        // Moved into whichever closure works on the pixels, and held there.
+        let admitted = limits.admit(&bytes).await?;
         let (png, quality) = match &self.engine {
             Engine::BorderKey { tolerance } => {
                 let tolerance = *tolerance;
                 let out = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     let img = decode(&bytes, &limits)?;
                     measured_png(border_key(&img, tolerance))
                 })
@@ -318,6 +321,7 @@ impl Stage for BgRemovalStage {
                 let runtime = model.runtime();
                 let model = model.clone();
                 let out = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     let img = decode(&bytes, &limits)?;
                     // Inference failing on a decoded image is our fault
                     // (the model), not the image's: worth retrying elsewhere.
@@ -333,6 +337,7 @@ impl Stage for BgRemovalStage {
                 // bytes, which could be a decompression bomb for PIL or
                 // carry an EXIF rotation rembg would not apply.
                 let png = cpu("bg-removal", move || {
+                    let _admitted = admitted;
                     encode_png(&decode(&bytes, &limits)?, "the image for rembg")
                 })
                 .await?;

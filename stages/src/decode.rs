@@ -4,13 +4,24 @@
 //! Content-Type; dimensions are read from the header and checked before any
 //! pixel is decoded; the decoder's allocations are capped. A bad image is a
 //! permanent error with a reason a vendor can act on.
+//!
+//! Decoding is also bounded per process: before an image is decoded,
+//! [`DecodeLimits::admit`] weighs it from its header (width × height × its
+//! decoded bytes per pixel, plus two 8-bit RGBA working copies) and waits
+//! until the process's `memory_budget` has room for it. The admission is
+//! held for as long as the stage works on the pixels, so however many images
+//! a worker is sent at once, the pixels it holds stay within the budget.
+//! 16-bit PNGs are decoded straight to 8 bits per channel, row by row, so
+//! their 16-bit pixels are never held whole.
 
 use std::io::Cursor;
+use std::sync::{Arc, OnceLock};
 
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 use image_queue_pipeline::StageError;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -21,6 +32,93 @@ pub struct DecodeLimits {
     pub max_side: u32,
     /// Most memory the decoder may allocate, in bytes.
     pub max_alloc: u64,
+    /// Most memory, in bytes, that the images being worked on in one
+    /// process may take at once, as [`DecodeLimits::admit`] weighs them;
+    /// images wait their turn for it. An image weighing more than the whole
+    /// budget is refused (permanently). 0: no budget.
+    pub memory_budget: u64,
+    /// The process's budget itself: shared by every clone of these limits
+    /// (a process builds all its stages from one configuration).
+    #[serde(skip)]
+    budget: SharedBudget,
+}
+
+/// A lazily made semaphore of `memory_budget` in KiB, one per configuration.
+#[derive(Debug, Clone, Default)]
+struct SharedBudget(Arc<OnceLock<Arc<Semaphore>>>);
+
+/// Bytes per permit: budgets are counted in KiB, so a u32 of permits
+/// covers up to 4 TiB.
+const PERMIT_BYTES: u64 = 1024;
+
+/// What a stage holds besides the decoded image, in bytes per pixel: two
+/// 8-bit RGBA working copies (resize converts the image to RGBA, and the
+/// scaler premultiplies alpha into a copy of its own; measured: a 7000 ×
+/// 7000 RGBA image peaks at about three times its 8-bit size).
+const WORKING_BYTES_PER_PIXEL: u64 = 8;
+
+/// An image's place in the process's decode budget: keep it for as long as
+/// its pixels (and what is made from them) are held; dropping it gives the
+/// memory back to the images waiting.
+#[derive(Debug)]
+pub struct Admission {
+    /// What the image was weighed at, in bytes.
+    pub weight: u64,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl DecodeLimits {
+    /// Weighs the image in `bytes` from its header alone and waits until
+    /// this process's budget has room for it. Refuses (permanently) what
+    /// [`decode`] would refuse from the header, and an image heavier than
+    /// the whole budget.
+    pub async fn admit(&self, bytes: &[u8]) -> Result<Admission, StageError> {
+        let weight = weigh(bytes, self)?;
+        if self.memory_budget == 0 {
+            return Ok(Admission { weight, _permit: None });
+        }
+        let permits = weight.div_ceil(PERMIT_BYTES);
+        let total = (self.memory_budget / PERMIT_BYTES).clamp(1, u32::MAX as u64);
+        if permits > total {
+            return Err(StageError::permanent(format!(
+                "the image needs about {} MiB to process, more than this worker's whole decode budget ({} MiB, decode.memory_budget)",
+                weight.div_ceil(1 << 20),
+                self.memory_budget >> 20
+            )));
+        }
+        let semaphore = self
+            .budget
+            .0
+            .get_or_init(|| Arc::new(Semaphore::new(total as usize)))
+            .clone();
+        // Fair: a heavy image waiting is not overtaken for ever by light ones.
+        let permit = semaphore
+            .acquire_many_owned(permits as u32)
+            .await
+            .map_err(|_| StageError::retryable("the decode budget is closed"))?;
+        Ok(Admission {
+            weight,
+            _permit: Some(permit),
+        })
+    }
+}
+
+/// What an image weighs in the decode budget, from its header: its pixels
+/// at 8 bits per channel (16-bit images are reduced as they are decoded)
+/// plus two working copies.
+fn weigh(bytes: &[u8], limits: &DecodeLimits) -> Result<u64, StageError> {
+    if bytes.is_empty() {
+        return Err(StageError::permanent("the image is empty (0 bytes)"));
+    }
+    let format = sniff(bytes)
+        .ok_or_else(|| StageError::permanent("not an image we accept: JPEG, PNG, WebP or GIF, told by its content"))?;
+    let decoder = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_decoder()
+        .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {e}")))?;
+    let (w, h) = decoder.dimensions();
+    check_dimensions(w, h, limits)?;
+    let channels = decoder.color_type().channel_count() as u64;
+    Ok(w as u64 * h as u64 * (channels + WORKING_BYTES_PER_PIXEL))
 }
 
 impl Default for DecodeLimits {
@@ -29,6 +127,8 @@ impl Default for DecodeLimits {
             max_pixels: 50_000_000,
             max_side: 30_000,
             max_alloc: 512 * 1024 * 1024,
+            memory_budget: 1 << 30,
+            budget: SharedBudget::default(),
         }
     }
 }
@@ -63,6 +163,9 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
             "corrupt or truncated Jpeg image: it ends before its end-of-image marker",
         ));
     }
+    if format == ImageFormat::Png && png_is_16_bit(bytes) {
+        return decode_png_to_8_bit(bytes, limits);
+    }
     reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut l = Limits::default();
     l.max_image_width = Some(limits.max_side);
@@ -80,6 +183,52 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
     // so the tag is applied here once and the metadata dropped downstream.
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// Whether a PNG's header (checked already) says 16 bits per channel.
+fn png_is_16_bit(bytes: &[u8]) -> bool {
+    // IHDR is the first chunk: its bit depth follows the width and height.
+    bytes.get(24) == Some(&16)
+}
+
+/// Decodes a 16-bit PNG straight to 8 bits per channel, row by row, so
+/// that its 16-bit pixels (twice the memory) are never held whole.
+fn decode_png_to_8_bit(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, StageError> {
+    let corrupt = |e: png::DecodingError| StageError::permanent(format!("corrupt or truncated Png image: {e}"));
+    let mut decoder = png::Decoder::new_with_limits(
+        Cursor::new(bytes),
+        png::Limits {
+            bytes: usize::try_from(limits.max_alloc).unwrap_or(usize::MAX),
+        },
+    );
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(corrupt)?;
+    let orientation = reader
+        .info()
+        .exif_metadata
+        .as_deref()
+        .and_then(Orientation::from_exif_chunk)
+        .unwrap_or(Orientation::NoTransforms);
+    let size = reader
+        .output_buffer_size()
+        .filter(|&n| n as u64 <= limits.max_alloc)
+        .ok_or_else(|| StageError::permanent("the image needs too much memory to decode"))?;
+    let mut buf = vec![0; size];
+    let frame = reader.next_frame(&mut buf).map_err(corrupt)?;
+    buf.truncate(frame.buffer_size());
+    let (w, h) = (frame.width, frame.height);
+    let shape = || StageError::permanent("corrupt Png image: its pixels do not match its header");
+    let mut img = match frame.color_type {
+        png::ColorType::Rgba => DynamicImage::ImageRgba8(image::RgbaImage::from_raw(w, h, buf).ok_or_else(shape)?),
+        png::ColorType::Rgb => DynamicImage::ImageRgb8(image::RgbImage::from_raw(w, h, buf).ok_or_else(shape)?),
+        png::ColorType::GrayscaleAlpha => {
+            DynamicImage::ImageLumaA8(image::GrayAlphaImage::from_raw(w, h, buf).ok_or_else(shape)?)
+        }
+        png::ColorType::Grayscale => DynamicImage::ImageLuma8(image::GrayImage::from_raw(w, h, buf).ok_or_else(shape)?),
+        png::ColorType::Indexed => return Err(shape()),
+    };
     img.apply_orientation(orientation);
     Ok(img)
 }
@@ -347,5 +496,48 @@ mod tests {
         tagged.extend_from_slice(&j[2..]);
         let img = decode(&tagged, &DecodeLimits::default()).unwrap();
         assert_eq!((img.width(), img.height()), (20, 40));
+    }
+
+    fn png_rgba16(w: u32, h: u32) -> Vec<u8> {
+        let img = image::ImageBuffer::from_pixel(w, h, image::Rgba([40_000u16, 20_000, 10_000, 65_535]));
+        let mut out = Vec::new();
+        DynamicImage::ImageRgba16(img)
+            .write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sixteen_bit_pngs_come_out_at_8_bits() {
+        let img = decode(&png_rgba16(8, 6), &DecodeLimits::default()).unwrap();
+        assert_eq!((img.width(), img.height()), (8, 6));
+        assert_eq!(img.color(), image::ColorType::Rgba8);
+        assert_eq!(img.to_rgba8().get_pixel(3, 3).0, [156, 78, 39, 255]);
+    }
+
+    #[tokio::test]
+    async fn images_wait_for_the_shared_budget_and_one_over_it_is_refused() {
+        use futures::FutureExt;
+        let png = png_rgba16(100, 100);
+        // 100 × 100 × (4 + 8) bytes: about 117 KiB; room for one, not two.
+        let limits = DecodeLimits {
+            memory_budget: 200 * 1024,
+            ..DecodeLimits::default()
+        };
+        let first = limits.admit(&png).await.unwrap();
+        assert_eq!(first.weight, 100 * 100 * 12);
+        // A clone (another stage of the same process) shares the budget.
+        let other = limits.clone();
+        assert!(other.admit(&png).now_or_never().is_none(), "admitted beyond the budget");
+        drop(first);
+        let second = other.admit(&png).now_or_never().expect("room once the first is done");
+        assert!(second.is_ok());
+        let small = DecodeLimits {
+            memory_budget: 64 * 1024,
+            ..DecodeLimits::default()
+        };
+        let refused = small.admit(&png).await.unwrap_err();
+        assert!(!refused.is_retryable(), "{refused}");
+        assert!(refused.message.contains("decode.memory_budget"), "{refused}");
     }
 }

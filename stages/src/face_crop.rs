@@ -222,7 +222,9 @@ impl Stage for FaceCropStage {
         let bytes = self.ctx.working_image(&event).await?;
         let limits = self.limits.clone();
         let c = self.config.clone();
+        let admitted = limits.admit(&bytes).await?;
         let out = cpu("face-crop", move || {
+            let _admitted = admitted;
             let img = decode(&bytes, &limits)?;
             let faces = detect_faces(&img, &c);
             let crop = match (faces.first(), c.no_face) {

@@ -171,7 +171,11 @@ impl Stage for ResizeStage {
         let bytes = self.ctx.working_image(&event).await?;
         let limits = self.limits.clone();
         let config = self.config.clone();
+        // Held until the closure is done with the pixels, even if this
+        // future is dropped (a timeout) while the work runs on.
+        let admitted = limits.admit(&bytes).await?;
         let variants = cpu("resize", move || {
+            let _admitted = admitted;
             let img = decode(&bytes, &limits)?;
             let mut made: Vec<(Variant, u32, u32, Option<Vec<u8>>)> = Vec::new();
             for v in &config.variants {

@@ -313,3 +313,57 @@ async fn shop_update_on_postgres() {
     shop_update_points_products_at_results(&db.url).await;
     db.drop_db().await;
 }
+
+/// Other vendors' clean events around two events whose `record_id` the
+/// database refuses: the clean ones commit, each bad one fails once,
+/// permanently, with the database's reason, and nothing of it is written.
+async fn poisoned_rows_fail_alone(url: &str, poison: &str, reason: &[&str]) {
+    let stage = DbCommitConfig::default().build(url).await.expect("building db-commit");
+    let job = new_job();
+    let mut batch = events(&job, 10, 2);
+    let bad_jobs = [new_job(), new_job()];
+    for (at, bad_job) in [(2, &bad_jobs[0]), (7, &bad_jobs[1])] {
+        let mut bad = event(bad_job, 0, 2);
+        bad.vendor = "vendor-2".into();
+        bad.record_id = poison.to_string();
+        batch[at] = bad;
+    }
+    let results = stage.handle_batch(batch).await;
+    assert_eq!(results.len(), 10);
+    for (i, r) in results.iter().enumerate() {
+        match (i, r) {
+            (2 | 7, Err(e)) => {
+                assert_eq!(e.class, ErrorClass::Permanent, "event {i}: {e}");
+                for needle in reason {
+                    assert!(e.message.contains(needle), "event {i}: expected {needle:?} in {e}");
+                }
+            }
+            (2 | 7, Ok(o)) => panic!("event {i}: the poisoned row was accepted: {o:?}"),
+            (_, Ok(Outcome::Done(_))) => {}
+            (_, other) => panic!("event {i}: a clean event of another vendor did not commit: {other:?}"),
+        }
+    }
+    // Eight clean events of two variants each; the bad ones wrote nothing.
+    assert_eq!(count_rows(&stage, &job).await, 16);
+    for bad_job in &bad_jobs {
+        assert_eq!(count_rows(&stage, bad_job).await, 0);
+    }
+    stage.pool().close().await;
+}
+
+#[tokio::test]
+async fn a_poisoned_row_fails_alone_on_postgres() {
+    let db = ScratchDb::create(&common::shared_postgres_url()).await;
+    // PostgreSQL text cannot hold NUL: SQLSTATE 22021.
+    poisoned_rows_fail_alone(&db.url, "sku-\u{0}-1", &["22021", "0x00"]).await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn a_poisoned_row_fails_alone_on_mariadb() {
+    let db = ScratchDb::create(&common::shared_mysql_url()).await;
+    // record_id is VARCHAR(255): in strict mode (MariaDB's default) a longer
+    // value is refused with 1406, "Data too long".
+    poisoned_rows_fail_alone(&db.url, &"x".repeat(300), &["1406", "Data too long", "record_id"]).await;
+    db.drop_db().await;
+}
