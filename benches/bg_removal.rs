@@ -11,12 +11,14 @@
 //!
 //! Ways: `after` is the engine as the stage builds it by default; `before`
 //! is the engine as it was (one session spread over every core, runs taking
-//! turns, PNG at the default compression); `rembg` is
+//! turns); `rembg` is
 //! `benches/bg_removal_rembg.py` (rembg's `remove()` from threads sharing
 //! one session, as a Python service would run it); `tract` (with `--tract`)
 //! is the pure-Rust runtime.
 //!
-//! `cargo bench --bench bg_removal [-- --rounds 3 --images 12 --tract]`
+//! `cargo bench --bench bg_removal [-- --rounds 3 --images 12 --tract --no-steps]`
+//! (`--images`: the backlog of 1.2-megapixel images, half as many of 12;
+//! `--no-steps`: throughput only)
 //! (needs `scripts/install-rembg.sh` and `scripts/fetch-test-images.sh`).
 
 #[path = "../stages/tests/support/mod.rs"]
@@ -29,11 +31,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use image::codecs::png::PngEncoder;
-use image::{DynamicImage, ImageEncoder, ImageFormat};
+use image::{DynamicImage, ImageFormat};
 use image_queue_stages::decode::{decode, DecodeLimits};
 use image_queue_stages::onnxruntime::{ExecutionProvider, OnnxRuntimeConfig, SessionSettings};
-use image_queue_stages::u2net::{encode_png, Runtime, U2net};
+use image_queue_stages::u2net::{Runtime, U2net};
 use serde_json::Value;
 use support::{models_dir, onnxruntime_library, repo_root};
 
@@ -45,6 +46,7 @@ struct Args {
     rounds: usize,
     images: usize,
     tract: bool,
+    steps: bool,
 }
 
 fn args() -> Args {
@@ -52,6 +54,7 @@ fn args() -> Args {
         rounds: 3,
         images: 12,
         tract: false,
+        steps: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -59,6 +62,7 @@ fn args() -> Args {
             "--rounds" => a.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--images" => a.images = it.next().and_then(|v| v.parse().ok()).expect("--images N"),
             "--tract" => a.tract = true,
+            "--no-steps" => a.steps = false,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -69,8 +73,6 @@ fn args() -> Args {
 struct Ours {
     name: &'static str,
     model: Arc<U2net>,
-    /// The stage's fast PNG, or the default compression it used before.
-    fast_png: bool,
 }
 
 impl Ours {
@@ -83,15 +85,11 @@ impl Ours {
         let decoded = t.elapsed();
         let (cut, steps) = self.model.cutout_timed(&img).unwrap();
         let t = Instant::now();
-        let png = if self.fast_png {
-            encode_png(&cut).unwrap()
-        } else {
-            let mut out = Vec::new();
-            PngEncoder::new(&mut out)
-                .write_image(cut.as_raw(), cut.width(), cut.height(), image::ExtendedColorType::Rgba8)
-                .unwrap();
-            out
-        };
+        // As the stage encodes the cutout.
+        let mut png = Vec::new();
+        DynamicImage::ImageRgba8(cut)
+            .write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
         std::hint::black_box(png);
         [
             decoded,
@@ -224,7 +222,6 @@ fn main() {
     let after = Ours {
         name: "after",
         model: after,
-        fast_png: true,
     };
     after.run(&files[0].2);
     let after_first = t.elapsed();
@@ -236,7 +233,6 @@ fn main() {
             provider: ExecutionProvider::Cpu,
         })
         .0,
-        fast_png: false,
     };
     let ours = [&after, &before];
 
@@ -267,11 +263,15 @@ fn main() {
     let mut tract = args.tract.then(|| Ours {
         name: "tract",
         model: U2net::shared(&models_dir().join("u2netp.onnx")).unwrap(),
-        fast_png: true,
     });
-    println!("| image | way | {} | total ms | × rembg |", STEPS.join(" ms | ") + " ms");
-    println!("| --- | --- |{} ---: | ---: |", " ---: |".repeat(STEPS.len()));
-    for (label, path, jpeg) in &files {
+    if args.steps {
+        println!(
+            "| image | way | {} | total ms | × rembg |",
+            STEPS.join(" ms | ") + " ms"
+        );
+        println!("| --- | --- |{} ---: | ---: |", " ---: |".repeat(STEPS.len()));
+    }
+    for (label, path, jpeg) in files.iter().filter(|_| args.steps) {
         let mut times: Vec<Vec<[f64; 5]>> = vec![Vec::new(); 4];
         for _ in 0..args.rounds {
             for (i, w) in ours.iter().enumerate() {

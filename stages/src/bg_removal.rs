@@ -210,7 +210,7 @@ impl Stage for BgRemovalStage {
                     // Inference failing on a decoded image is our fault
                     // (the model), not the image's: worth retrying elsewhere.
                     let cut = model.cutout(&img).map_err(StageError::retryable)?;
-                    crate::u2net::encode_png(&cut).map(Bytes::from).map_err(StageError::permanent)
+                    encode_png(&DynamicImage::ImageRgba8(cut), "the cutout")
                 })
                 .await?;
                 self.ctx.put_working(&mut event, "cutout.png", png).await?;

@@ -181,8 +181,10 @@ pub fn session(library: &Path, model: &Path, settings: &SessionSettings) -> Resu
     let mut builder = Session::builder(env)
         .map_err(|e| fail(e.to_string()))?
         .with_intra_threads(settings.threads)
-        .and_then(|b| b.with_inter_threads(1))
-        .and_then(|b| b.with_intra_op_spinning(false))
+        .map_err(|e| fail(e.to_string()))?
+        .with_inter_threads(1)
+        .map_err(|e| fail(e.to_string()))?
+        .with_intra_op_spinning(false)
         .map_err(|e| fail(e.to_string()))?;
     if settings.provider == ExecutionProvider::Cuda {
         if !CUDA::is_available().unwrap_or(false) {

@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use fast_image_resize::images::{Image as FirImage, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::codecs::png::{CompressionType, PngEncoder};
-use image::{DynamicImage, GrayImage, ImageEncoder, RgbImage, RgbaImage};
+use image::{DynamicImage, GrayImage, RgbImage, RgbaImage};
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 
@@ -209,7 +208,10 @@ impl U2net {
             Runtime::Tract => None,
             Runtime::Onnxruntime => Some((crate::onnxruntime::library_path(library), *settings)),
         };
-        let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut loaded = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let key = (path.to_path_buf(), ort);
         if let Some(m) = loaded.get(&key) {
             return Ok(m.clone());
@@ -314,14 +316,19 @@ impl U2net {
         match &self.inference {
             Inference::Tract(plan) => {
                 let started = Instant::now();
-                let input = Tensor::from_shape(&[1, 3, SIDE, SIDE], input).map_err(|e| format!("U2-Net's input: {e:#}"))?;
+                let input =
+                    Tensor::from_shape(&[1, 3, SIDE, SIDE], input).map_err(|e| format!("U2-Net's input: {e:#}"))?;
                 let out = plan
                     .run(tvec!(input.into()))
                     .map_err(|e| format!("running U2-Net: {e:#}"))?;
                 let pred = out[0]
                     .to_plain_array_view::<f32>()
                     .map_err(|e| format!("U2-Net's output: {e:#}"))?;
-                Ok((pred.iter().take(SIDE * SIDE).copied().collect(), Duration::ZERO, started.elapsed()))
+                Ok((
+                    pred.iter().take(SIDE * SIDE).copied().collect(),
+                    Duration::ZERO,
+                    started.elapsed(),
+                ))
             }
             Inference::Onnxruntime(pool) => {
                 let waiting = Instant::now();
@@ -385,17 +392,6 @@ fn run_session(session: &mut ort::session::Session, input: &[f32]) -> Result<Vec
         .try_extract_tensor::<f32>()
         .map_err(|e| format!("U2-Net's output: {e}"))?;
     Ok(pred.iter().take(SIDE * SIDE).copied().collect())
-}
-
-/// A cutout as the PNG the next stages read: fast compression (fdeflate),
-/// since the file is a working copy read once by resize, and the default
-/// compression took longer than the model for a 12-megapixel photo.
-pub fn encode_png(img: &RgbaImage) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(img.as_raw().len() / 2);
-    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, image::codecs::png::FilterType::Adaptive)
-        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgba8)
-        .map_err(|e| format!("encoding the cutout: {e}"))?;
-    Ok(out)
 }
 
 /// `img` with `mask` multiplied into its alpha, in one pass over the pixels.
