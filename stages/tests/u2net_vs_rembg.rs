@@ -59,6 +59,17 @@ async fn in_process_mask_matches_rembgs() {
     let wide = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &settings(1, 2)).unwrap();
     let pool = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &settings(2, 1)).unwrap();
     assert_eq!(pool.onnxruntime_settings(), Some(settings(2, 1)));
+    // The CPU build has no CUDA: asking for it is a startup error saying
+    // what to install, never a silent fall back to the CPU.
+    let cuda = SessionSettings {
+        provider: ExecutionProvider::Cuda,
+        ..settings(1, 1)
+    };
+    let e = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &cuda).unwrap_err();
+    assert!(
+        e.contains("no CUDA execution provider") && e.contains("onnxruntime-gpu"),
+        "{e}"
+    );
 
     let astronaut_path = support::repo_root().join("stages/tests/data/astronaut.png");
     let astronaut = image::open(&astronaut_path)
