@@ -10,8 +10,8 @@
 //! that load from elsewhere on the machine falls on all of them alike.
 //!
 //! Ways: `after` is the engine as the stage builds it by default; `before`
-//! is the engine as it was (one session spread over every core, runs taking
-//! turns); `rembg` is
+//! is the engine's old arrangement on the current code (one session spread
+//! over every core, runs taking turns); `rembg` is
 //! `benches/bg_removal_rembg.py` (rembg's `remove()` from threads sharing
 //! one session, as a Python service would run it); `tract` (with `--tract`)
 //! is the pure-Rust runtime.
