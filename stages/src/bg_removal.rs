@@ -34,6 +34,7 @@ use image_queue_pipeline::{ImageEvent, Outcome, Stage, StageError, StageName};
 use serde::{Deserialize, Serialize};
 
 use crate::decode::{decode, DecodeLimits};
+use crate::onnxruntime::OnnxRuntimeConfig;
 use crate::rembg::{RembgConfig, RembgPool};
 use crate::u2net::{Runtime, U2net};
 use crate::{cpu, StageContext};
@@ -62,6 +63,9 @@ pub enum BgRemovalConfig {
         /// dynamic loader finds it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         onnxruntime_library: Option<PathBuf>,
+        /// Sessions, threads and execution provider on ONNX Runtime.
+        #[serde(default)]
+        onnxruntime: OnnxRuntimeConfig,
     },
 }
 
@@ -202,6 +206,7 @@ impl BgRemovalConfig {
             model: model.to_path_buf(),
             runtime,
             onnxruntime_library: library.map(Path::to_path_buf),
+            onnxruntime: OnnxRuntimeConfig::default(),
         };
         if !model.is_file() {
             return (
@@ -246,7 +251,13 @@ impl BgRemovalConfig {
                 model,
                 runtime,
                 onnxruntime_library,
-            } => Engine::U2net(U2net::shared_on(model, *runtime, onnxruntime_library.as_deref())?),
+                onnxruntime,
+            } => Engine::U2net(U2net::shared_with(
+                model,
+                *runtime,
+                onnxruntime_library.as_deref(),
+                &onnxruntime.settings(),
+            )?),
         };
         Ok(BgRemovalStage {
             ctx,
@@ -433,6 +444,7 @@ pub fn border_key(img: &DynamicImage, tolerance: f32) -> RgbaImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnxruntime::ExecutionProvider;
 
     #[test]
     fn backdrop_goes_transparent_and_subject_stays() {
@@ -504,8 +516,8 @@ mod tests {
         let u: BgRemovalConfig = toml::from_str("engine = \"u2net\"").unwrap();
         assert!(matches!(
             u,
-            BgRemovalConfig::U2net { ref model, runtime: Runtime::Tract, onnxruntime_library: None }
-                if model.ends_with("models/u2netp.onnx")
+            BgRemovalConfig::U2net { ref model, runtime: Runtime::Tract, onnxruntime_library: None, onnxruntime }
+                if model.ends_with("models/u2netp.onnx") && onnxruntime == OnnxRuntimeConfig::default()
         ));
         let o: BgRemovalConfig = toml::from_str(
             "engine = \"u2net\"\nruntime = \"onnxruntime\"\nonnxruntime_library = \"/x/libonnxruntime.so\"",
@@ -517,6 +529,17 @@ mod tests {
                 if l.ends_with("libonnxruntime.so")
         ));
         assert!(toml::from_str::<BgRemovalConfig>("engine = \"u2net\"\nruntime = \"cuda\"").is_err());
+        let g: BgRemovalConfig = toml::from_str(
+            "engine = \"u2net\"\nruntime = \"onnxruntime\"\n[onnxruntime]\nsessions = 1\nthreads = 4\nprovider = \"cuda\"",
+        )
+        .unwrap();
+        let BgRemovalConfig::U2net { onnxruntime, .. } = g else {
+            panic!("{g:?}")
+        };
+        let s = onnxruntime.settings();
+        assert_eq!((s.sessions, s.threads, s.provider), (1, 4, ExecutionProvider::Cuda));
+        assert!(toml::from_str::<BgRemovalConfig>("engine = \"u2net\"\n[onnxruntime]\nprovider = \"tpu\"").is_err());
+        assert!(toml::from_str::<BgRemovalConfig>("engine = \"u2net\"\n[onnxruntime]\nsession = 2").is_err());
     }
 
     #[test]

@@ -8,12 +8,19 @@
 //! the configured path, else `$ORT_DYLIB_PATH`, else wherever the dynamic
 //! loader finds `libonnxruntime.so`. A process can hold one ONNX Runtime
 //! only, so every model shares the first library loaded.
+//!
+//! A session runs on the CPU by default, or on CUDA when configured and the
+//! loaded library is a GPU build (`onnxruntime-gpu`); which one runs is
+//! logged when the session opens. How many sessions the engine keeps and how
+//! many threads each spreads a run over is [`OnnxRuntimeConfig`]'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ort::environment::Environment;
+use ort::ep::{ExecutionProvider as _, CUDA};
 use ort::session::Session;
+use serde::{Deserialize, Serialize};
 
 /// How to get the library, for every error that means it is not there.
 pub const LIBRARY_HELP: &str = "get ONNX Runtime's shared library (1.17 or later) from the onnxruntime wheel on PyPI \
@@ -41,6 +48,76 @@ pub enum OnnxRuntimeError {
     Conflict { loaded: PathBuf, requested: PathBuf },
     #[error("opening the model {} in ONNX Runtime: {message}", .model.display())]
     Session { model: PathBuf, message: String },
+    #[error(
+        "the ONNX Runtime at {} has no CUDA execution provider: point `onnxruntime_library` or ORT_DYLIB_PATH \
+         at the libonnxruntime.so of a GPU build (the onnxruntime-gpu wheel), or set `provider = \"cpu\"`",
+        .0.display()
+    )]
+    NoCuda(PathBuf),
+}
+
+/// Where ONNX Runtime runs the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's own CPU kernels.
+    #[default]
+    Cpu,
+    /// NVIDIA GPUs, through a GPU build of ONNX Runtime; a startup error
+    /// when the loaded library has no CUDA support.
+    Cuda,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+        }
+    }
+}
+
+/// How the engine runs the model on ONNX Runtime (`[bg_removal.onnxruntime]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxRuntimeConfig {
+    /// Sessions, each running one image at a time. Absent: one per core on
+    /// the CPU, so that images in flight run side by side instead of taking
+    /// turns; one on CUDA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sessions: Option<usize>,
+    /// Threads one run is spread over. Absent: the cores shared out among
+    /// the sessions (at least one each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub provider: ExecutionProvider,
+}
+
+/// [`OnnxRuntimeConfig`] with its defaults filled in for this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionSettings {
+    pub sessions: usize,
+    pub threads: usize,
+    pub provider: ExecutionProvider,
+}
+
+impl OnnxRuntimeConfig {
+    pub fn settings(&self) -> SessionSettings {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let sessions = self
+            .sessions
+            .unwrap_or(match self.provider {
+                ExecutionProvider::Cpu => cores,
+                ExecutionProvider::Cuda => 1,
+            })
+            .max(1);
+        SessionSettings {
+            sessions,
+            threads: self.threads.unwrap_or(cores / sessions).max(1),
+            provider: self.provider,
+        }
+    }
 }
 
 /// The library to load: `configured`, else `$ORT_DYLIB_PATH`, else the bare
@@ -90,17 +167,32 @@ fn environment(library: &Path) -> Result<&'static Environment, OnnxRuntimeError>
     Ok(env)
 }
 
-/// Opens `model` in the ONNX Runtime at `library`, with ONNX Runtime's
-/// default options: every graph optimisation, and one run spread over the
-/// machine's cores, as rembg runs it.
-pub fn session(library: &Path, model: &Path) -> Result<Session, OnnxRuntimeError> {
+/// Opens `model` in the ONNX Runtime at `library`: every graph
+/// optimisation (ONNX Runtime's default, as rembg runs it), a run spread
+/// over `settings.threads` threads that sleep rather than spin between runs
+/// (spinning takes cores from the other sessions and stages), on
+/// `settings.provider`.
+pub fn session(library: &Path, model: &Path, settings: &SessionSettings) -> Result<Session, OnnxRuntimeError> {
     let env = environment(library)?;
     let fail = |message: String| OnnxRuntimeError::Session {
         model: model.to_path_buf(),
         message,
     };
-    Session::builder(env)
+    let mut builder = Session::builder(env)
         .map_err(|e| fail(e.to_string()))?
-        .commit_from_file(model)
-        .map_err(|e| fail(e.to_string()))
+        .with_intra_threads(settings.threads)
+        .map_err(|e| fail(e.to_string()))?
+        .with_inter_threads(1)
+        .map_err(|e| fail(e.to_string()))?
+        .with_intra_op_spinning(false)
+        .map_err(|e| fail(e.to_string()))?;
+    if settings.provider == ExecutionProvider::Cuda {
+        if !CUDA::is_available().unwrap_or(false) {
+            return Err(OnnxRuntimeError::NoCuda(library.to_path_buf()));
+        }
+        builder = builder
+            .with_execution_providers([CUDA::default().build().error_on_failure()])
+            .map_err(|e| fail(format!("enabling CUDA: {e}")))?;
+    }
+    builder.commit_from_file(model).map_err(|e| fail(e.to_string()))
 }

@@ -10,19 +10,26 @@
 //! ImageNet's mean and deviation, run, min-max normalise the first output,
 //! truncate to 8 bits, resize back to the original size with Lanczos, and
 //! use that as alpha. The resizes use `fast_image_resize`, whose convolution
-//! is Pillow's, which rembg uses.
+//! is Pillow's, which rembg uses, with SIMD and without copying the image.
 //!
-//! A model is loaded once per process, path and runtime, and shared.
-
+//! A model is loaded once per process, path, runtime and settings, and
+//! shared. On ONNX Runtime it is a pool of sessions, each running one image
+//! at a time over a share of the cores (the model takes one image per run),
+//! each warmed up with one run when loaded so the first job is not slower
+//! than the rest. Each cutout records its inference time and counts its
+//! image in the process's metrics (see [`describe_metrics`]).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
-use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::images::{Image as FirImage, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, GrayImage, RgbaImage};
+use image::{DynamicImage, GrayImage, RgbImage, RgbaImage};
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
+
+use crate::onnxruntime::SessionSettings;
 
 /// rembg's input size for the U²-Net family.
 const SIDE: usize = 320;
@@ -54,11 +61,103 @@ impl Runtime {
 }
 
 enum Inference {
-    /// tract's plans run from many threads at once.
+    /// tract's plans run from many threads at once, one thread each.
     Tract(Arc<TypedRunnableModel>),
-    /// ort's `run` takes the session mutably, so runs take turns; little is
-    /// lost, as ONNX Runtime spreads one run over every core.
-    Onnxruntime(Mutex<ort::session::Session>),
+    /// ort's `run` takes a session mutably, so each runs one image at a time.
+    Onnxruntime(SessionPool),
+}
+
+/// ONNX Runtime sessions lent out one run at a time.
+struct SessionPool {
+    idle: Mutex<Vec<ort::session::Session>>,
+    returned: Condvar,
+    settings: SessionSettings,
+}
+
+/// A session on loan; back in the pool when dropped, even by a panic (which
+/// the stage catches): a session keeps no state between runs.
+struct Lent<'a> {
+    pool: &'a SessionPool,
+    session: Option<ort::session::Session>,
+}
+
+impl SessionPool {
+    fn idle(&self) -> MutexGuard<'_, Vec<ort::session::Session>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle session, waiting for one when all are running.
+    fn lend(&self) -> Lent<'_> {
+        let mut idle = self.idle();
+        loop {
+            if let Some(session) = idle.pop() {
+                return Lent {
+                    pool: self,
+                    session: Some(session),
+                };
+            }
+            idle = self.returned.wait(idle).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool.idle().push(session);
+            self.pool.returned.notify_one();
+        }
+    }
+}
+
+/// Time spent in each step of one cutout, from the decoded image to the
+/// cutout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Steps {
+    /// Down to 320×320 and normalised.
+    pub preprocess: Duration,
+    /// Waiting for an idle ONNX Runtime session (zero on tract).
+    pub wait: Duration,
+    /// The model's run.
+    pub inference: Duration,
+    /// The mask back up to full size and applied as alpha.
+    pub postprocess: Duration,
+}
+
+/// Describes the metrics each cutout records. Call it after the process's
+/// recorder is installed; loading a model does.
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "image_queue_bg_removal_inference_seconds",
+        metrics::Unit::Seconds,
+        "U2-Net's run for one image in the in-process bg-removal engine"
+    );
+    metrics::describe_histogram!(
+        "image_queue_bg_removal_session_wait_seconds",
+        metrics::Unit::Seconds,
+        "Time an image waited for an idle ONNX Runtime session (all busy: more than `sessions` images in flight)"
+    );
+    metrics::describe_histogram!(
+        "image_queue_bg_removal_cutout_seconds",
+        metrics::Unit::Seconds,
+        "One cutout in the in-process engine, decoded image to cutout: pre-processing, inference, post-processing"
+    );
+    metrics::describe_counter!(
+        "image_queue_bg_removal_images_total",
+        "Images the in-process bg-removal engine cut out; its rate is this worker's images/s"
+    );
+}
+
+fn record_metrics(runtime: Runtime, steps: &Steps) {
+    if runtime == Runtime::Onnxruntime {
+        metrics::histogram!("image_queue_bg_removal_session_wait_seconds").record(steps.wait.as_secs_f64());
+    }
+    let runtime = runtime.as_str();
+    metrics::histogram!("image_queue_bg_removal_inference_seconds", "runtime" => runtime)
+        .record(steps.inference.as_secs_f64());
+    let total = steps.preprocess + steps.wait + steps.inference + steps.postprocess;
+    metrics::histogram!("image_queue_bg_removal_cutout_seconds", "runtime" => runtime).record(total.as_secs_f64());
+    metrics::counter!("image_queue_bg_removal_images_total", "runtime" => runtime).increment(1);
 }
 
 pub struct U2net {
@@ -88,24 +187,38 @@ impl U2net {
         U2net::shared_on(path, Runtime::Tract, None)
     }
 
-    /// The model at `path` on `runtime`, loaded on first use and shared
-    /// after. `library` is ONNX Runtime's (see
-    /// [`crate::onnxruntime::library_path`]); tract ignores it.
+    /// The model at `path` on `runtime` (ONNX Runtime with its default
+    /// settings), loaded on first use and shared after. `library` is ONNX
+    /// Runtime's (see [`crate::onnxruntime::library_path`]); tract ignores it.
     pub fn shared_on(path: &Path, runtime: Runtime, library: Option<&Path>) -> Result<Arc<U2net>, String> {
-        type Key = (PathBuf, Option<PathBuf>);
+        let settings = crate::onnxruntime::OnnxRuntimeConfig::default().settings();
+        U2net::shared_with(path, runtime, library, &settings)
+    }
+
+    /// [`U2net::shared_on`] with ONNX Runtime's settings given.
+    pub fn shared_with(
+        path: &Path,
+        runtime: Runtime,
+        library: Option<&Path>,
+        settings: &SessionSettings,
+    ) -> Result<Arc<U2net>, String> {
+        type Key = (PathBuf, Option<(PathBuf, SessionSettings)>);
         static LOADED: OnceLock<Mutex<HashMap<Key, Arc<U2net>>>> = OnceLock::new();
-        let library = match runtime {
+        let ort = match runtime {
             Runtime::Tract => None,
-            Runtime::Onnxruntime => Some(crate::onnxruntime::library_path(library)),
+            Runtime::Onnxruntime => Some((crate::onnxruntime::library_path(library), *settings)),
         };
-        let mut loaded = LOADED.get_or_init(Default::default).lock().unwrap();
-        let key = (path.to_path_buf(), library);
+        let mut loaded = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (path.to_path_buf(), ort);
         if let Some(m) = loaded.get(&key) {
             return Ok(m.clone());
         }
         let m = Arc::new(match &key.1 {
             None => U2net::load(path)?,
-            Some(library) => U2net::load_onnxruntime(path, library)?,
+            Some((library, settings)) => U2net::load_onnxruntime_with(path, library, settings)?,
         });
         loaded.insert(key, m.clone());
         Ok(m)
@@ -122,20 +235,62 @@ impl U2net {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| format!("loading the U2-Net model {}: {e:#}", path.display()))?;
+        describe_metrics();
         Ok(U2net {
             inference: Inference::Tract(plan),
             path: path.to_path_buf(),
         })
     }
 
-    /// The model at `path` on the ONNX Runtime whose shared library is `library`.
+    /// The model at `path` on the ONNX Runtime whose shared library is
+    /// `library`, with the default settings.
     pub fn load_onnxruntime(path: &Path, library: &Path) -> Result<U2net, String> {
+        let settings = crate::onnxruntime::OnnxRuntimeConfig::default().settings();
+        U2net::load_onnxruntime_with(path, library, &settings)
+    }
+
+    /// The model at `path` on the ONNX Runtime at `library`: `settings.sessions`
+    /// sessions, each warmed up with one run (ONNX Runtime allocates and
+    /// packs its buffers on the first), side by side.
+    pub fn load_onnxruntime_with(path: &Path, library: &Path, settings: &SessionSettings) -> Result<U2net, String> {
         if !path.is_file() {
             return Err(missing_model_help(path));
         }
-        let session = crate::onnxruntime::session(library, path).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let zeros = vec![0.0; 3 * SIDE * SIDE];
+        let sessions = std::thread::scope(|s| {
+            let opening: Vec<_> = (0..settings.sessions)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut session =
+                            crate::onnxruntime::session(library, path, settings).map_err(|e| e.to_string())?;
+                        run_session(&mut session, &zeros)
+                            .map_err(|e| format!("warming up U2-Net on ONNX Runtime: {e}"))?;
+                        Ok::<_, String>(session)
+                    })
+                })
+                .collect();
+            opening
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect::<Result<Vec<_>, _>>()
+        })?;
+        tracing::info!(
+            model = %path.display(),
+            library = %library.display(),
+            provider = settings.provider.as_str(),
+            sessions = settings.sessions,
+            threads_per_session = settings.threads,
+            took_ms = started.elapsed().as_millis() as u64,
+            "U2-Net on ONNX Runtime: sessions open and warmed up"
+        );
+        describe_metrics();
         Ok(U2net {
-            inference: Inference::Onnxruntime(Mutex::new(session)),
+            inference: Inference::Onnxruntime(SessionPool {
+                idle: Mutex::new(sessions),
+                returned: Condvar::new(),
+                settings: *settings,
+            }),
             path: path.to_path_buf(),
         })
     }
@@ -147,59 +302,129 @@ impl U2net {
         }
     }
 
-    /// The model's first output for one 1×3×320×320 input.
-    fn infer(&self, input: Vec<f32>) -> Result<Vec<f32>, String> {
-        let shape = [1, 3, SIDE, SIDE];
+    /// ONNX Runtime's settings, when that is the runtime.
+    pub fn onnxruntime_settings(&self) -> Option<SessionSettings> {
+        match &self.inference {
+            Inference::Tract(_) => None,
+            Inference::Onnxruntime(pool) => Some(pool.settings),
+        }
+    }
+
+    /// The model's first output for one 1×3×320×320 input, and the time
+    /// waited for a session and the time the run took.
+    fn infer(&self, input: &[f32]) -> Result<(Vec<f32>, Duration, Duration), String> {
         match &self.inference {
             Inference::Tract(plan) => {
-                let input = Tensor::from_shape(&shape, &input).map_err(|e| format!("U2-Net's input: {e:#}"))?;
+                let started = Instant::now();
+                let input =
+                    Tensor::from_shape(&[1, 3, SIDE, SIDE], input).map_err(|e| format!("U2-Net's input: {e:#}"))?;
                 let out = plan
                     .run(tvec!(input.into()))
                     .map_err(|e| format!("running U2-Net: {e:#}"))?;
                 let pred = out[0]
                     .to_plain_array_view::<f32>()
                     .map_err(|e| format!("U2-Net's output: {e:#}"))?;
-                Ok(pred.iter().take(SIDE * SIDE).copied().collect())
+                Ok((
+                    pred.iter().take(SIDE * SIDE).copied().collect(),
+                    Duration::ZERO,
+                    started.elapsed(),
+                ))
             }
-            Inference::Onnxruntime(session) => {
-                let input = ort::value::TensorRef::from_array_view((shape, &input[..]))
-                    .map_err(|e| format!("U2-Net's input: {e}"))?;
-                // A panic in an earlier run (caught by the stage) must not
-                // disable the engine: a session keeps no state between runs.
-                let mut session = session.lock().unwrap_or_else(|e| e.into_inner());
-                let out = session
-                    .run(ort::inputs![input])
-                    .map_err(|e| format!("running U2-Net: {e}"))?;
-                let (_, pred) = out[0]
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| format!("U2-Net's output: {e}"))?;
-                Ok(pred.iter().take(SIDE * SIDE).copied().collect())
+            Inference::Onnxruntime(pool) => {
+                let waiting = Instant::now();
+                let mut lent = pool.lend();
+                let wait = waiting.elapsed();
+                let started = Instant::now();
+                let session = lent.session.as_mut().expect("a lent session is there until dropped");
+                let pred = run_session(session, input)?;
+                Ok((pred, wait, started.elapsed()))
             }
         }
     }
 
     /// The foreground mask of `img`, at `img`'s size.
     pub fn mask(&self, img: &DynamicImage) -> Result<GrayImage, String> {
-        let pred = self.infer(preprocess(img)?)?;
-        postprocess(&pred, img.width(), img.height())
+        Ok(self.mask_timed(img)?.0)
+    }
+
+    fn mask_timed(&self, img: &DynamicImage) -> Result<(GrayImage, Steps), String> {
+        let started = Instant::now();
+        let input = preprocess(img)?;
+        let preprocess = started.elapsed();
+        let (pred, wait, inference) = self.infer(&input)?;
+        let started = Instant::now();
+        let mask = postprocess(&pred, img.width(), img.height())?;
+        let steps = Steps {
+            preprocess,
+            wait,
+            inference,
+            postprocess: started.elapsed(),
+        };
+        Ok((mask, steps))
     }
 
     /// `img` with its background made transparent.
     pub fn cutout(&self, img: &DynamicImage) -> Result<RgbaImage, String> {
-        let mask = self.mask(img)?;
-        let mut rgba = img.to_rgba8();
-        for (p, m) in rgba.pixels_mut().zip(mask.pixels()) {
-            p[3] = ((p[3] as u16 * m[0] as u16 + 127) / 255) as u8;
-        }
-        Ok(rgba)
+        Ok(self.cutout_timed(img)?.0)
     }
+
+    /// [`U2net::cutout`], with the time each step took; counted in the
+    /// process's metrics.
+    pub fn cutout_timed(&self, img: &DynamicImage) -> Result<(RgbaImage, Steps), String> {
+        let (mask, mut steps) = self.mask_timed(img)?;
+        let started = Instant::now();
+        let cut = apply_alpha(img, &mask);
+        steps.postprocess += started.elapsed();
+        record_metrics(self.runtime(), &steps);
+        Ok((cut, steps))
+    }
+}
+
+/// One run of `session` on one 1×3×320×320 input: the first output's first
+/// channel.
+fn run_session(session: &mut ort::session::Session, input: &[f32]) -> Result<Vec<f32>, String> {
+    let input = ort::value::TensorRef::from_array_view(([1, 3, SIDE, SIDE], input))
+        .map_err(|e| format!("U2-Net's input: {e}"))?;
+    let out = session
+        .run(ort::inputs![input])
+        .map_err(|e| format!("running U2-Net: {e}"))?;
+    let (_, pred) = out[0]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| format!("U2-Net's output: {e}"))?;
+    Ok(pred.iter().take(SIDE * SIDE).copied().collect())
+}
+
+/// `img` with `mask` multiplied into its alpha, in one pass over the pixels.
+fn apply_alpha(img: &DynamicImage, mask: &GrayImage) -> RgbaImage {
+    let alpha = |a: u8, m: u8| ((a as u16 * m as u16 + 127) / 255) as u8;
+    if let Some(rgb) = img.as_rgb8() {
+        // Most photos: no alpha to multiply, no RGBA copy to make first.
+        let mut out = Vec::with_capacity(rgb.as_raw().len() / 3 * 4);
+        for (p, m) in rgb.as_raw().chunks_exact(3).zip(mask.as_raw()) {
+            out.extend_from_slice(&[p[0], p[1], p[2], *m]);
+        }
+        return RgbaImage::from_raw(img.width(), img.height(), out).expect("4 bytes a pixel");
+    }
+    let mut rgba = img.to_rgba8();
+    for (p, m) in rgba.pixels_mut().zip(mask.pixels()) {
+        p[3] = alpha(p[3], m[0]);
+    }
+    rgba
 }
 
 /// rembg's input: the image at 320×320, divided by its largest value,
 /// normalised per channel, planar (NCHW).
 fn preprocess(img: &DynamicImage) -> Result<Vec<f32>, String> {
     let (w, h) = (img.width(), img.height());
-    let rgb = img.to_rgb8();
+    // rembg's `convert("RGB")`: alpha dropped, not composited.
+    let converted: RgbImage;
+    let rgb = match img.as_rgb8() {
+        Some(rgb) => rgb,
+        None => {
+            converted = img.to_rgb8();
+            &converted
+        }
+    };
     let small = resize_u8(rgb.as_raw(), w, h, SIDE as u32, SIDE as u32, PixelType::U8x3)?;
     // rembg divides by the largest value in the resized image.
     let max = small.iter().copied().max().unwrap_or(0) as f64;
@@ -230,9 +455,10 @@ fn postprocess(pred: &[f32], w: u32, h: u32) -> Result<GrayImage, String> {
     Ok(GrayImage::from_raw(w, h, full).expect("the resize made w×h bytes"))
 }
 
-/// Lanczos3 resize of packed 8-bit pixels, as Pillow does it.
+/// Lanczos3 resize of packed 8-bit pixels, as Pillow does it, reading `src`
+/// in place.
 fn resize_u8(src: &[u8], w: u32, h: u32, dw: u32, dh: u32, pixel: PixelType) -> Result<Vec<u8>, String> {
-    let src = FirImage::from_vec_u8(w, h, src.to_vec(), pixel).map_err(|e| format!("resize source: {e}"))?;
+    let src = ImageRef::new(w, h, src, pixel).map_err(|e| format!("resize source: {e}"))?;
     let mut dst = FirImage::new(dw, dh, pixel);
     Resizer::new()
         .resize(

@@ -50,6 +50,7 @@ async fn all_three_operations_with_each_engine_on_a_real_portrait() {
                 model: model.clone(),
                 runtime: Runtime::Tract,
                 onnxruntime_library: None,
+                onnxruntime: Default::default(),
             },
         ),
         (
@@ -58,6 +59,7 @@ async fn all_three_operations_with_each_engine_on_a_real_portrait() {
                 model: model.clone(),
                 runtime: Runtime::Onnxruntime,
                 onnxruntime_library: Some(onnxruntime_library()),
+                onnxruntime: Default::default(),
             },
         ),
     ];

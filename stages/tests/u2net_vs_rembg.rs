@@ -1,6 +1,8 @@
-//! The in-process U²-Net engine, on both runtimes (tract and ONNX Runtime),
-//! makes the mask a real rembg server makes with the same model (u2netp)
-//! and image: within 1/255 mean absolute difference. Needs
+//! The in-process U²-Net engine, on both runtimes (tract and ONNX Runtime,
+//! the latter with one session over every core and with a pool of
+//! single-threaded sessions), makes the mask a real rembg server makes with
+//! the same model (u2netp) and image: within 1/255 mean absolute difference,
+//! also with more images in flight than sessions. Needs
 //! `scripts/install-rembg.sh` (rembg, the model, and ONNX Runtime's shared
 //! library in rembg's virtualenv) and `scripts/fetch-test-images.sh` (a
 //! real photograph).
@@ -12,6 +14,7 @@ use std::time::Instant;
 use image::{DynamicImage, GrayImage, ImageFormat};
 use image_queue_pipeline::{Outcome, Stage};
 use image_queue_stages::decode::DecodeLimits;
+use image_queue_stages::onnxruntime::{ExecutionProvider, SessionSettings};
 use image_queue_stages::rembg::RembgConfig;
 use image_queue_stages::u2net::{Runtime, U2net};
 use image_queue_stages::BgRemovalConfig;
@@ -33,7 +36,7 @@ fn mad(a: &GrayImage, b: &GrayImage) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_mask_matches_rembgs() {
     let server = RembgServer::start(None).await;
-    let pool = RembgConfig {
+    let rembg = RembgConfig {
         urls: vec![server.url()],
         model: "u2netp".into(),
         only_mask: true,
@@ -48,6 +51,25 @@ async fn in_process_mask_matches_rembgs() {
     let onnxruntime =
         U2net::shared_on(&model_path, Runtime::Onnxruntime, Some(&library)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(onnxruntime.runtime(), Runtime::Onnxruntime);
+    let settings = |sessions, threads| SessionSettings {
+        sessions,
+        threads,
+        provider: ExecutionProvider::Cpu,
+    };
+    let wide = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &settings(1, 2)).unwrap();
+    let pool = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &settings(2, 1)).unwrap();
+    assert_eq!(pool.onnxruntime_settings(), Some(settings(2, 1)));
+    // The CPU build has no CUDA: asking for it is a startup error saying
+    // what to install, never a silent fall back to the CPU.
+    let cuda = SessionSettings {
+        provider: ExecutionProvider::Cuda,
+        ..settings(1, 1)
+    };
+    let e = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &cuda).unwrap_err();
+    assert!(
+        e.contains("no CUDA execution provider") && e.contains("onnxruntime-gpu"),
+        "{e}"
+    );
 
     let astronaut_path = support::repo_root().join("stages/tests/data/astronaut.png");
     let astronaut = image::open(&astronaut_path)
@@ -55,11 +77,14 @@ async fn in_process_mask_matches_rembgs() {
         .to_rgba8();
     for (name, img) in [("product photo", product_photo(640, 480)), ("astronaut", astronaut)] {
         let png = encode(&img, ImageFormat::Png);
-        let (theirs, _) = pool.remove(png.into()).await.unwrap();
+        let (theirs, _) = rembg.remove(png.into()).await.unwrap();
         let theirs = image::load_from_memory(&theirs).unwrap().to_luma8();
         let img = DynamicImage::ImageRgba8(img);
-        for model in [&tract, &onnxruntime] {
-            let runtime = model.runtime().as_str();
+        for model in [&tract, &onnxruntime, &wide, &pool] {
+            let runtime = match model.onnxruntime_settings() {
+                None => "tract".to_string(),
+                Some(s) => format!("onnxruntime, {} session(s) × {} thread(s)", s.sessions, s.threads),
+            };
             let started = Instant::now();
             let ours = model.mask(&img).unwrap();
             let took = started.elapsed();
@@ -70,6 +95,16 @@ async fn in_process_mask_matches_rembgs() {
                 "{name}: the {runtime} mask differs from rembg's by {d:.3}/255 on average"
             );
         }
+        // Five images at once through two sessions: each waits its turn and
+        // gets its own image's mask.
+        let alone = pool.mask(&img).unwrap();
+        let at_once: Vec<_> = std::thread::scope(|s| {
+            let running: Vec<_> = (0..5).map(|_| s.spawn(|| pool.mask(&img).unwrap())).collect();
+            running.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for m in at_once {
+            assert_eq!(mad(&m, &alone), 0.0, "{name}: a mask made beside others differs");
+        }
     }
 
     // Through the stage, on each runtime: a cutout with the engine named.
@@ -79,6 +114,7 @@ async fn in_process_mask_matches_rembgs() {
             model: model_path.clone(),
             runtime,
             onnxruntime_library: Some(library.clone()),
+            onnxruntime: Default::default(),
         }
         .build(ctx.clone(), DecodeLimits::default())
         .unwrap();
