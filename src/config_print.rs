@@ -85,6 +85,7 @@ fn engine_samples() -> Vec<(&'static str, String)> {
         model: default_model(),
         runtime: Default::default(),
         onnxruntime_library: None,
+        onnxruntime: Default::default(),
     };
     let rembg = toml::from_str::<BgRemovalConfig>("engine = \"rembg\"").unwrap_or_default();
     vec![

@@ -118,6 +118,7 @@ async fn a_worker_sent_ten_huge_16_bit_pngs_stays_within_its_decode_budget() {
                 operations: vec![Operation::Resize],
                 images,
                 idempotency_key: None,
+                fingerprint: None,
                 traceparent: None,
             })
             .await
