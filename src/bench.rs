@@ -47,7 +47,7 @@ struct BenchResult {
 }
 
 /// A stage that does nothing, or sleeps for `work` per image.
-struct Noop(StageName, Duration);
+pub(crate) struct Noop(pub StageName, pub Duration);
 
 #[async_trait]
 impl Stage for Noop {

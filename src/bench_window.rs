@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use async_trait::async_trait;
 use image_queue_pipeline::runner::StageRunner;
 use image_queue_pipeline::{
-    ImageEvent, JobStore, LocalBlobStore, NewImage, NewJob, Operation, Outcome, Pipeline, RunnerConfig, Source, Stage,
-    StageError, StageName,
+    JobStore, LocalBlobStore, NewImage, NewJob, Operation, Pipeline, RunnerConfig, Source, StageName,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+
+use crate::bench::Noop;
 
 pub struct WindowArgs {
     pub redis_url: String,
@@ -53,23 +53,6 @@ struct WindowResult {
     samples: Vec<Sample>,
 }
 
-/// Sleeps `work` per image.
-struct Work(StageName, Duration);
-
-#[async_trait]
-impl Stage for Work {
-    fn name(&self) -> StageName {
-        self.0
-    }
-
-    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
-        if !self.1.is_zero() {
-            tokio::time::sleep(self.1).await;
-        }
-        Ok(Outcome::Done(event))
-    }
-}
-
 /// A worker of the bottleneck stage on a runtime of its own.
 fn bottleneck_worker(
     url: &str,
@@ -94,7 +77,7 @@ fn bottleneck_worker(
             claim_idle_ms: 5_000,
             ..RunnerConfig::default()
         };
-        let runner = StageRunner::new(p, Arc::new(Work(StageName::Resize, work)), cfg);
+        let runner = StageRunner::new(p, Arc::new(Noop(StageName::Resize, work)), cfg);
         runner.run(CancellationToken::new()).await.ok();
     });
     Ok(rt)
@@ -115,7 +98,7 @@ pub async fn window(args: WindowArgs) -> anyhow::Result<()> {
             read_block_ms: 100,
             ..RunnerConfig::default()
         };
-        let runner = StageRunner::new(p.clone(), Arc::new(Work(name, Duration::ZERO)), cfg);
+        let runner = StageRunner::new(p.clone(), Arc::new(Noop(name, Duration::ZERO)), cfg);
         let s = shutdown.clone();
         runners.spawn(async move { runner.run(s).await });
     }

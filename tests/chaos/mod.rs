@@ -621,8 +621,13 @@ pub async fn check_invariants_sparing(
         assert!(unique.contains(job), "a result of an unknown job {job}");
         let key = (job.clone(), *image as u32, variant.clone());
         assert!(seen.insert(key.clone()), "result {key:?} committed twice");
-        let object = format!("{VENDOR}/{job}/{image}/{variant}.webp");
-        assert!(url.ends_with(&format!("/{object}")), "{key:?} points at {url}");
+        // Its own object, or a sibling variant's when the two came out the
+        // same bytes (a small source: `large` and `medium` are one object).
+        let object = VARIANTS
+            .iter()
+            .map(|v| format!("{VENDOR}/{job}/{image}/{v}.webp"))
+            .find(|o| url.ends_with(&format!("/{o}")))
+            .unwrap_or_else(|| panic!("{key:?} points at {url}"));
         assert!(
             urls.get(&key) == Some(url),
             "{key:?}: the job record has another URL than the result row: {:?}",
