@@ -177,7 +177,7 @@ fn check_url(state: &AppState, u: &str) -> Result<(), ApiError> {
         (status = 400, description = "Malformed body, or a record_id with control characters", body = crate::openapi::ErrorBody),
         (status = 413, description = "Too many images, or an image too large", body = crate::openapi::ErrorBody),
         (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::openapi::ErrorBody),
-        (status = 422, description = "Invalid job (unknown field or operation, bad URL)", body = crate::openapi::ErrorBody),
+        (status = 422, description = "Invalid job (unknown field or operation, bad URL), or an Idempotency-Key reused with a different request", body = crate::openapi::ErrorBody),
         (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
         (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody),
         (status = 503, description = "Redis cannot take the job now (out of memory, loading); see Retry-After", body = crate::openapi::ErrorBody)
@@ -239,10 +239,11 @@ pub async fn submit(
         )));
     }
     let n = images.len();
+    let fingerprint = request_fingerprint(&operations, &images);
     // A retry of a submit that already made its job is answered without
     // spending quota on it again (submit.lua settles races between retries).
     if let Some(key) = &idempotency_key {
-        let existing = match state.jobs.idempotent_job(&vendor.0, key).await {
+        let existing = match state.jobs.idempotent_submit(&vendor.0, key).await {
             Ok(e) => e,
             Err(e) => {
                 drop_blobs().await;
@@ -251,7 +252,10 @@ pub async fn submit(
         };
         if let Some(existing) = existing {
             drop_blobs().await;
-            return Ok(submitted_response(StatusCode::OK, &existing, n, None));
+            if existing.conflicts_with(Some(&fingerprint)) {
+                return Err(reused_key());
+            }
+            return Ok(submitted_response(StatusCode::OK, &existing.job_id, n, None));
         }
     }
     let limits = &state.config.rate_limits;
@@ -303,7 +307,7 @@ pub async fn submit(
             operations,
             images,
             idempotency_key,
-            fingerprint: None,
+            fingerprint: Some(fingerprint),
             traceparent: headers
                 .get("traceparent")
                 .and_then(|v| v.to_str().ok())
@@ -325,6 +329,9 @@ pub async fn submit(
     if !submitted.created {
         // An earlier submit with the same key made the job; drop our blobs.
         drop_blobs().await;
+        if submitted.conflicting {
+            return Err(reused_key());
+        }
     }
     let status = if submitted.created {
         StatusCode::ACCEPTED
@@ -336,6 +343,35 @@ pub async fn submit(
         submitted_response(status, &submitted.job_id, n, estimate),
         &rate,
     ))
+}
+
+/// What a submit asked for, as the idempotency key's record keeps it: the
+/// operations, and each image's record id and URL (an uploaded file counts
+/// as a file, not by its bytes).
+fn request_fingerprint(operations: &[Operation], images: &[NewImage]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for op in operations {
+        h.update(op.as_str().as_bytes());
+        h.update(b",");
+    }
+    for img in images {
+        h.update(b"\n");
+        h.update(img.record_id.as_bytes());
+        h.update(b"\t");
+        match &img.source {
+            Source::Url(url) => h.update(url.as_bytes()),
+            Source::Blob(_) => h.update(b"(a file)"),
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// An Idempotency-Key sent again with another request: Stripe's answer.
+fn reused_key() -> ApiError {
+    ApiError::Unprocessable(
+        "this Idempotency-Key was used with a different request (operations, record ids or image URLs); use a new key for a new job".into(),
+    )
 }
 
 fn submitted_response(status: StatusCode, job_id: &str, images: usize, estimate: Option<StartEstimate>) -> Response {

@@ -474,6 +474,18 @@ async fn a_retried_submit_with_an_idempotency_key_returns_the_same_job() {
     assert_ne!(other.body["job_id"], first.body["job_id"]);
     let listed = send(&h.app, get("/api/image-queue/jobs", &a)).await;
     assert_eq!(listed.body["jobs"].as_array().unwrap().len(), 1);
+    // The same key with another request is refused, not answered with the
+    // earlier job.
+    let different = req("POST", "/api/image-queue/jobs", Some(&a))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "order-42")
+        .body(Body::from(job_body(&["resize"], 2).to_string()))
+        .unwrap();
+    send(&h.app, different)
+        .await
+        .error(StatusCode::UNPROCESSABLE_ENTITY, "unprocessable");
+    let listed = send(&h.app, get("/api/image-queue/jobs", &a)).await;
+    assert_eq!(listed.body["jobs"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]
