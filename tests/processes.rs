@@ -163,10 +163,29 @@ async fn a_dead_workers_whole_pending_list_comes_back_within_the_idle_time() {
         .into_iter()
         .map(|s| worker_with(&env, s, 64, &settings))
         .collect();
-    let mut victim = worker_with(&env, StageName::Resize, 64, &settings);
-    let ids = env.submit("vendor-a", 32, 2, &[Operation::Resize], 400).await;
-    let pid = victim.id().unwrap();
+    // All 64 images wait on resize's stream before the victim starts, so
+    // its first read takes them all at once, and each (1200 pixels, 64
+    // sharing the cores) takes seconds: it holds all 64 when it dies.
+    let ids = env.submit("vendor-a", 32, 2, &[Operation::Resize], 1200).await;
     let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut conn = env.pipeline.conn.clone();
+        let queued: usize = redis::cmd("XLEN")
+            .arg(env.pipeline.keys.stream(StageName::Resize))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if queued == 64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rate-check never passed the 64 images on");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    image_queue_pipeline::runner::ensure_group(&env.pipeline, StageName::Resize)
+        .await
+        .unwrap();
+    let mut victim = worker_with(&env, StageName::Resize, 64, &settings);
+    let pid = victim.id().unwrap();
     while pending_of(&env, StageName::Resize, pid).await < 64 {
         assert!(Instant::now() < deadline, "the worker never held 64 entries");
         tokio::time::sleep(Duration::from_millis(5)).await;
