@@ -67,8 +67,10 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn estimate(&self) -> Option<StartEstimate> {
         // Until the pipeline has finished some work there is no rate to
-        // estimate with, even for "now": absent, as documented.
-        if self.throughput <= 0.0 || !self.throughput.is_finite() {
+        // estimate with, even for "now": absent, as documented; unless a
+        // used-up quota decides the start, which needs no rate.
+        let measured = self.throughput > 0.0 && self.throughput.is_finite();
+        if !measured && self.quota_resumes_ms.is_none() {
             return None;
         }
         let weight = self.vendor_weight.max(1) as f64;
@@ -80,7 +82,7 @@ impl Snapshot {
         let ahead = self.queued_ahead as f64 + if full { 1.0 } else { 0.0 };
         let queue_wait_ms = if ahead == 0.0 {
             0
-        } else if self.throughput > 0.0 {
+        } else if measured {
             (ahead / (self.throughput * share) * 1000.0).ceil() as u64
         } else {
             return None;
@@ -262,6 +264,25 @@ mod tests {
             ..alone
         };
         assert_eq!(heavy.estimate().unwrap().start_ms, 1_000_000 + 2_667);
+    }
+
+    #[test]
+    fn a_used_up_quota_decides_even_before_any_throughput_is_measured() {
+        let s = Snapshot {
+            throughput: 0.0,
+            queued_ahead: 0,
+            quota_resumes_ms: Some(snap().now_ms + 1_200),
+            ..snap()
+        };
+        let e = s.estimate().expect("the quota alone decides the start");
+        assert_eq!(e.start_ms, s.now_ms + 1_200);
+        // With nothing measured and no quota, there is nothing to say.
+        let none = Snapshot {
+            throughput: 0.0,
+            quota_resumes_ms: None,
+            ..snap()
+        };
+        assert_eq!(none.estimate(), None);
     }
 
     #[test]
