@@ -114,7 +114,7 @@ fn weigh(bytes: &[u8], limits: &DecodeLimits) -> Result<u64, StageError> {
         .ok_or_else(|| StageError::permanent("not an image we accept: JPEG, PNG, WebP or GIF, told by its content"))?;
     let decoder = ImageReader::with_format(Cursor::new(bytes), format)
         .into_decoder()
-        .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {e}")))?;
+        .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {}", plain(&e))))?;
     let (w, h) = decoder.dimensions();
     check_dimensions(w, h, limits)?;
     let channels = decoder.color_type().channel_count() as u64;
@@ -154,7 +154,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let (w, h) = reader
         .into_dimensions()
-        .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {e}")))?;
+        .map_err(|e| StageError::permanent(format!("unreadable {format:?} header: {}", plain(&e))))?;
     check_dimensions(w, h, limits)?;
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder fills missing data with grey rather than fail:
@@ -172,12 +172,13 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
     l.max_image_height = Some(limits.max_side);
     l.max_alloc = Some(limits.max_alloc);
     reader.limits(l.clone());
-    let corrupt = |e: image::ImageError| StageError::permanent(format!("corrupt or truncated {format:?} image: {e}"));
+    let corrupt =
+        |e: image::ImageError| StageError::permanent(format!("corrupt or truncated {format:?} image: {}", plain(&e)));
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     // The pixel buffer itself counts against the allocation limit, as
     // `ImageReader::decode` would count it.
     l.reserve(decoder.total_bytes())
-        .map_err(|e| StageError::permanent(format!("the image needs too much memory to decode: {e}")))?;
+        .map_err(|e| StageError::permanent(format!("the image needs too much memory to decode: {}", plain(&e))))?;
     // Phones store portraits sideways with an EXIF orientation tag. Every
     // stage works on upright pixels, and the encoders we use write no EXIF,
     // so the tag is applied here once and the metadata dropped downstream.
@@ -185,6 +186,22 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, Stage
     let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     img.apply_orientation(orientation);
     Ok(img)
+}
+
+/// A decoder's reason, in words a vendor can read. Decoders put their own
+/// structures into some messages (a PNG chunk type as Rust debug output,
+/// with the file's raw bytes in it): those reach the vendor's status and
+/// webhook, so only plain printable text up to a sentence's length is
+/// passed on, and anything else becomes a plain statement of the fault.
+fn plain(e: &dyn std::fmt::Display) -> String {
+    const LONGEST: usize = 160;
+    let text = e.to_string();
+    let readable = |c: char| c.is_ascii_graphic() || c == ' ';
+    if text.len() <= LONGEST && text.chars().all(readable) && !text.contains(['{', '}']) {
+        return text;
+    }
+    tracing::debug!(reason = %text.escape_debug(), "a decoder's reason, not shown to the vendor");
+    "its data does not follow the format".into()
 }
 
 /// Whether a PNG's header (checked already) says 16 bits per channel.
@@ -196,7 +213,8 @@ fn png_is_16_bit(bytes: &[u8]) -> bool {
 /// Decodes a 16-bit PNG straight to 8 bits per channel, row by row, so
 /// that its 16-bit pixels (twice the memory) are never held whole.
 fn decode_png_to_8_bit(bytes: &[u8], limits: &DecodeLimits) -> Result<DynamicImage, StageError> {
-    let corrupt = |e: png::DecodingError| StageError::permanent(format!("corrupt or truncated Png image: {e}"));
+    let corrupt =
+        |e: png::DecodingError| StageError::permanent(format!("corrupt or truncated Png image: {}", plain(&e)));
     let mut decoder = png::Decoder::new_with_limits(
         Cursor::new(bytes),
         png::Limits {
@@ -263,7 +281,12 @@ pub fn screen(head: &[u8], tail: &[u8], len: u64, limits: &DecodeLimits) -> Resu
         // A JPEG's frame header may come after more metadata than the head
         // holds: only a whole file's header is judged.
         Err(_) if format == ImageFormat::Jpeg && (head.len() as u64) < len => {}
-        Err(e) => return Err(ScreenError::Invalid(format!("unreadable {format:?} header: {e}"))),
+        Err(e) => {
+            return Err(ScreenError::Invalid(format!(
+                "unreadable {format:?} header: {}",
+                plain(&e)
+            )))
+        }
     }
     const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
     let cut_short = match format {
@@ -446,6 +469,27 @@ mod tests {
         poly.extend_from_slice(b"PK\x03\x04 a zip archive follows");
         let img = decode(&poly, &l).expect("the JPEG part decodes");
         assert_eq!((img.width(), img.height()), (16, 16));
+    }
+
+    #[test]
+    fn a_decoders_internal_text_never_reaches_the_vendor() {
+        // PNG's magic, then a "chunk" whose type is raw bytes: the decoder
+        // describes it with Rust debug output holding those bytes.
+        let mut garbage = b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dF\x86\xf7\xcc".to_vec();
+        garbage.extend((0..200u32).map(|i| (i * 131 % 251) as u8));
+        let limits = DecodeLimits::default();
+        let decoded = decode(&garbage, &limits).expect_err("garbage after PNG's magic is no image");
+        let screened = screen(&garbage, &garbage, garbage.len() as u64, &limits).expect_err("nor at the door");
+        for message in [decoded.message, screened.to_string()] {
+            assert!(
+                message.starts_with("unreadable Png header: ") || message.starts_with("corrupt"),
+                "{message}"
+            );
+            assert!(
+                message.chars().all(|c| c.is_ascii_graphic() || c == ' ') && !message.contains('{'),
+                "decoder internals in a vendor's error: {message:?}"
+            );
+        }
     }
 
     /// A GIF whose logical screen is huge and whose one frame is tiny: a
