@@ -83,6 +83,7 @@ fn engine_samples() -> Vec<(&'static str, String)> {
     let ser = |c: &BgRemovalConfig| toml::to_string_pretty(c).unwrap_or_default();
     let u2net = BgRemovalConfig::U2net {
         model: default_model(),
+        model_kind: None,
         runtime: Default::default(),
         onnxruntime_library: None,
         onnxruntime: Default::default(),
@@ -94,6 +95,7 @@ fn engine_samples() -> Vec<(&'static str, String)> {
             "u2net",
             format!(
                 "{}# (model: relative paths are under data_dir; runtime: \"tract\" or \"onnxruntime\")\n\
+                 # model_kind = \"u2net\"  (\"u2net\", \"isnet\" or \"birefnet\"; absent: told by the model file's name)\n\
                  # onnxruntime_library = \"/path/to/libonnxruntime.so\"  (absent: $ORT_DYLIB_PATH, else the loader's search)\n",
                 ser(&u2net)
             ),

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::decode::{decode, DecodeLimits};
 use crate::onnxruntime::OnnxRuntimeConfig;
 use crate::rembg::{RembgConfig, RembgPool};
-use crate::u2net::{Runtime, U2net};
+use crate::u2net::{ModelKind, Runtime, U2net};
 use crate::{cpu, StageContext};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,9 +52,14 @@ pub enum BgRemovalConfig {
     Rembg(RembgConfig),
     /// U²-Net in this process.
     U2net {
-        /// The ONNX model (rembg's `u2netp.onnx`).
+        /// The ONNX model: rembg's `u2netp.onnx`, or another of rembg's
+        /// models of a family [`ModelKind`] knows.
         #[serde(default = "default_model")]
         model: PathBuf,
+        /// The model's family, which decides its pre- and post-processing.
+        /// Absent: told by the file's name (rembg's names).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model_kind: Option<ModelKind>,
         /// What runs it: `tract` or `onnxruntime`.
         #[serde(default)]
         runtime: Runtime,
@@ -204,6 +209,7 @@ impl BgRemovalConfig {
     pub fn detect_with(model: &Path, library: Option<&Path>) -> (BgRemovalConfig, String) {
         let u2net = |runtime| BgRemovalConfig::U2net {
             model: model.to_path_buf(),
+            model_kind: None,
             runtime,
             onnxruntime_library: library.map(Path::to_path_buf),
             onnxruntime: OnnxRuntimeConfig::default(),
@@ -249,11 +255,13 @@ impl BgRemovalConfig {
             BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
             BgRemovalConfig::U2net {
                 model,
+                model_kind,
                 runtime,
                 onnxruntime_library,
                 onnxruntime,
-            } => Engine::U2net(U2net::shared_with(
+            } => Engine::U2net(U2net::shared_model(
                 model,
+                *model_kind,
                 *runtime,
                 onnxruntime_library.as_deref(),
                 &onnxruntime.settings(),
@@ -308,6 +316,18 @@ fn encode_png(img: &DynamicImage, what: &str) -> Result<Bytes, StageError> {
 impl Stage for BgRemovalStage {
     fn name(&self) -> StageName {
         StageName::BgRemoval
+    }
+
+    fn measures(&self) -> std::collections::BTreeMap<String, f64> {
+        let mut m = std::collections::BTreeMap::new();
+        if let Engine::U2net(model) = &self.engine {
+            let (inference_ms, images_per_s) = model.recent();
+            if let Some(ms) = inference_ms {
+                m.insert("inference_ms".into(), ms);
+                m.insert("images_per_s".into(), images_per_s);
+            }
+        }
+        m
     }
 
     async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
@@ -516,7 +536,7 @@ mod tests {
         let u: BgRemovalConfig = toml::from_str("engine = \"u2net\"").unwrap();
         assert!(matches!(
             u,
-            BgRemovalConfig::U2net { ref model, runtime: Runtime::Tract, onnxruntime_library: None, onnxruntime }
+            BgRemovalConfig::U2net { ref model, runtime: Runtime::Tract, onnxruntime_library: None, onnxruntime, model_kind: None }
                 if model.ends_with("models/u2netp.onnx") && onnxruntime == OnnxRuntimeConfig::default()
         ));
         let o: BgRemovalConfig = toml::from_str(
@@ -548,8 +568,10 @@ mod tests {
         // The model is checked first; with one there, the library is.
         let e = U2net::load_onnxruntime(Path::new("/nonexistent/u2netp.onnx"), lib).unwrap_err();
         assert!(e.contains("image-queue models fetch"), "{e}");
-        let model = tempfile::NamedTempFile::new().unwrap();
-        let e = U2net::load_onnxruntime(model.path(), lib).unwrap_err();
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("u2netp.onnx");
+        std::fs::write(&model, b"").unwrap();
+        let e = U2net::load_onnxruntime(&model, lib).unwrap_err();
         assert!(e.contains("/nonexistent/libonnxruntime.so does not exist"), "{e}");
         assert!(e.contains("onnxruntime wheel on PyPI"), "{e}");
         assert!(e.contains("ORT_DYLIB_PATH"), "{e}");

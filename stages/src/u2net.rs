@@ -1,15 +1,19 @@
-//! In-process U²-Net background removal (the `u2net` engine), on one of two
-//! runtimes: tract (pure Rust, always there, several times slower than
-//! rembg) or ONNX Runtime (rembg's own inference library, loaded from its
-//! shared library: see [`crate::onnxruntime`]). Only the inference differs
-//! between them; everything around it is shared.
+//! In-process background removal (the `u2net` engine) with rembg's models,
+//! on one of two runtimes: tract (pure Rust, always there, several times
+//! slower than rembg) or ONNX Runtime (rembg's own inference library, loaded
+//! from its shared library: see [`crate::onnxruntime`]). Only the inference
+//! differs between them; everything around it is shared.
 //!
-//! Pre- and post-processing are rembg's own, step for step, so a mask made
-//! here matches the one a rembg server makes with the same model: resize to
-//! 320×320 with Lanczos, divide by the image's largest value, normalise with
-//! ImageNet's mean and deviation, run, min-max normalise the first output,
-//! truncate to 8 bits, resize back to the original size with Lanczos, and
-//! use that as alpha. The resizes use `fast_image_resize`, whose convolution
+//! Three model families run here, each with rembg's own pre- and
+//! post-processing for it ([`ModelKind`]): U²-Net (u2net, u2netp,
+//! u2net_human_seg, silueta), IS-Net (isnet-general-use, isnet-anime) and
+//! BiRefNet (birefnet-general, birefnet-general-lite, …). Step for step as
+//! rembg does, so a mask made here matches the one rembg makes with the same
+//! model: resize to the family's square input with Lanczos, divide by the
+//! image's largest value, normalise with the family's mean and deviation,
+//! run, take the first output (through a sigmoid for BiRefNet, whose output
+//! is logits), min-max normalise it, truncate to 8 bits, resize back to the
+//! original size with Lanczos, and use that as alpha. The resizes use `fast_image_resize`, whose convolution
 //! is Pillow's, which rembg uses, with SIMD and without copying the image.
 //!
 //! A model is loaded once per process, path, runtime and settings, and
@@ -18,7 +22,7 @@
 //! each warmed up with one run when loaded so the first job is not slower
 //! than the rest. Each cutout records its inference time and counts its
 //! image in the process's metrics (see [`describe_metrics`]).
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -31,10 +35,94 @@ use tract_onnx::prelude::*;
 
 use crate::onnxruntime::SessionSettings;
 
-/// rembg's input size for the U²-Net family.
-const SIDE: usize = 320;
-const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-const STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// ImageNet's channel means and deviations, which most families use.
+const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// A family of segmentation models: the input it takes and what its output
+/// means, as rembg's session for that family has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// U²-Net and its relatives (rembg's u2net, u2netp, u2net_human_seg,
+    /// silueta and u2net_custom sessions): 320×320, ImageNet normalisation,
+    /// probabilities out.
+    U2net,
+    /// IS-Net, "dichotomous image segmentation" (isnet-general-use,
+    /// isnet-anime, dis_custom): 1024×1024, mean 0.5 and no scaling,
+    /// probabilities out.
+    Isnet,
+    /// BiRefNet (birefnet-general, birefnet-general-lite, birefnet-portrait,
+    /// …): 1024×1024, ImageNet normalisation, logits out.
+    Birefnet,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 3] = [ModelKind::U2net, ModelKind::Isnet, ModelKind::Birefnet];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::U2net => "u2net",
+            ModelKind::Isnet => "isnet",
+            ModelKind::Birefnet => "birefnet",
+        }
+    }
+
+    /// The family a model file's name says, by rembg's names for its models.
+    pub fn from_file_name(path: &Path) -> Option<ModelKind> {
+        let stem = path.file_stem()?.to_string_lossy().to_ascii_lowercase();
+        if stem.contains("birefnet") {
+            Some(ModelKind::Birefnet)
+        } else if stem.contains("isnet") {
+            Some(ModelKind::Isnet)
+        } else if stem.contains("u2net") || stem.contains("silueta") {
+            Some(ModelKind::U2net)
+        } else {
+            None
+        }
+    }
+
+    /// `configured`, else the family `path`'s name says; an error naming the
+    /// setting when neither tells.
+    pub fn resolve(path: &Path, configured: Option<ModelKind>) -> Result<ModelKind, String> {
+        configured.or_else(|| ModelKind::from_file_name(path)).ok_or_else(|| {
+            format!(
+                "cannot tell which family the model {} is from its name: set bg_removal's `model_kind` to \
+                 \"u2net\" (u2net, u2netp, u2net_human_seg, silueta), \"isnet\" (isnet-general-use, isnet-anime) \
+                 or \"birefnet\" (birefnet-general, birefnet-general-lite, …)",
+                path.display()
+            )
+        })
+    }
+
+    /// The side of the square input the model takes.
+    pub fn side(self) -> usize {
+        match self {
+            ModelKind::U2net => 320,
+            ModelKind::Isnet | ModelKind::Birefnet => 1024,
+        }
+    }
+
+    fn mean(self) -> [f64; 3] {
+        match self {
+            ModelKind::Isnet => [0.5; 3],
+            ModelKind::U2net | ModelKind::Birefnet => IMAGENET_MEAN,
+        }
+    }
+
+    fn std(self) -> [f64; 3] {
+        match self {
+            ModelKind::Isnet => [1.0; 3],
+            ModelKind::U2net | ModelKind::Birefnet => IMAGENET_STD,
+        }
+    }
+
+    /// Whether the first output is logits, which rembg puts through a
+    /// sigmoid before normalising.
+    fn outputs_logits(self) -> bool {
+        self == ModelKind::Birefnet
+    }
+}
 
 /// Where the model comes from when it is missing.
 pub const MODEL_URL: &str = "https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2netp.onnx";
@@ -162,12 +250,61 @@ fn record_metrics(runtime: Runtime, steps: &Steps) {
 
 pub struct U2net {
     inference: Inference,
+    kind: ModelKind,
     path: PathBuf,
+    recent: Mutex<Recent>,
+}
+
+/// What an operator sizing the pool asks of lately: the model's run per
+/// image, and how many images this process cut out per second.
+#[derive(Default)]
+struct Recent {
+    /// A moving average of the inference time, in milliseconds.
+    inference_ms: Option<f64>,
+    /// When each image of the last minute was cut out.
+    finished: VecDeque<Instant>,
+    first: Option<Instant>,
+}
+
+/// How far back "lately" looks for images per second.
+const LATELY: Duration = Duration::from_secs(60);
+
+impl Recent {
+    fn note(&mut self, inference: Duration) {
+        let ms = inference.as_secs_f64() * 1000.0;
+        // About the last 20 images.
+        self.inference_ms = Some(self.inference_ms.map_or(ms, |avg| avg + (ms - avg) / 20.0));
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.finished.push_back(now);
+        while self.finished.front().is_some_and(|t| now.duration_since(*t) > LATELY) {
+            self.finished.pop_front();
+        }
+    }
+
+    fn images_per_s(&self) -> f64 {
+        let Some(first) = self.first else { return 0.0 };
+        let now = Instant::now();
+        let recent = self
+            .finished
+            .iter()
+            .filter(|t| now.duration_since(**t) <= LATELY)
+            .count();
+        // Over the last minute, or since the first image when that is sooner.
+        let span = now.duration_since(first).min(LATELY).as_secs_f64().max(1.0);
+        recent as f64 / span
+    }
 }
 
 impl std::fmt::Debug for U2net {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "U2net({}, {})", self.path.display(), self.runtime().as_str())
+        write!(
+            f,
+            "U2net({}, {}, {})",
+            self.path.display(),
+            self.kind.as_str(),
+            self.runtime().as_str()
+        )
     }
 }
 
@@ -202,7 +339,20 @@ impl U2net {
         library: Option<&Path>,
         settings: &SessionSettings,
     ) -> Result<Arc<U2net>, String> {
-        type Key = (PathBuf, Option<(PathBuf, SessionSettings)>);
+        U2net::shared_model(path, None, runtime, library, settings)
+    }
+
+    /// [`U2net::shared_with`] with the model's family given (absent: told by
+    /// the file's name).
+    pub fn shared_model(
+        path: &Path,
+        kind: Option<ModelKind>,
+        runtime: Runtime,
+        library: Option<&Path>,
+        settings: &SessionSettings,
+    ) -> Result<Arc<U2net>, String> {
+        type Key = (PathBuf, ModelKind, Option<(PathBuf, SessionSettings)>);
+        let kind = ModelKind::resolve(path, kind)?;
         static LOADED: OnceLock<Mutex<HashMap<Key, Arc<U2net>>>> = OnceLock::new();
         let ort = match runtime {
             Runtime::Tract => None,
@@ -212,33 +362,40 @@ impl U2net {
             .get_or_init(Default::default)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let key = (path.to_path_buf(), ort);
+        let key = (path.to_path_buf(), kind, ort);
         if let Some(m) = loaded.get(&key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(match &key.1 {
-            None => U2net::load(path)?,
-            Some((library, settings)) => U2net::load_onnxruntime_with(path, library, settings)?,
+        let m = Arc::new(match &key.2 {
+            None => U2net::open_tract(path, kind)?,
+            Some((library, settings)) => U2net::open_onnxruntime(path, kind, library, settings)?,
         });
         loaded.insert(key, m.clone());
         Ok(m)
     }
 
-    /// The model at `path` on tract.
+    /// The model at `path` on tract, its family told by its name.
     pub fn load(path: &Path) -> Result<U2net, String> {
+        U2net::open_tract(path, ModelKind::resolve(path, None)?)
+    }
+
+    fn open_tract(path: &Path, kind: ModelKind) -> Result<U2net, String> {
         if !path.is_file() {
             return Err(missing_model_help(path));
         }
+        let side = kind.side();
         let plan = tract_onnx::onnx()
             .model_for_path(path)
-            .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, SIDE, SIDE]).into()))
+            .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(|e| format!("loading the U2-Net model {}: {e:#}", path.display()))?;
         describe_metrics();
         Ok(U2net {
             inference: Inference::Tract(plan),
+            kind,
             path: path.to_path_buf(),
+            recent: Mutex::default(),
         })
     }
 
@@ -253,19 +410,29 @@ impl U2net {
     /// sessions, each warmed up with one run (ONNX Runtime allocates and
     /// packs its buffers on the first), side by side.
     pub fn load_onnxruntime_with(path: &Path, library: &Path, settings: &SessionSettings) -> Result<U2net, String> {
+        U2net::open_onnxruntime(path, ModelKind::resolve(path, None)?, library, settings)
+    }
+
+    fn open_onnxruntime(
+        path: &Path,
+        kind: ModelKind,
+        library: &Path,
+        settings: &SessionSettings,
+    ) -> Result<U2net, String> {
         if !path.is_file() {
             return Err(missing_model_help(path));
         }
         let started = Instant::now();
-        let zeros = vec![0.0; 3 * SIDE * SIDE];
+        let side = kind.side();
+        let zeros = vec![0.0; 3 * side * side];
         let sessions = std::thread::scope(|s| {
             let opening: Vec<_> = (0..settings.sessions)
                 .map(|_| {
                     s.spawn(|| {
                         let mut session =
                             crate::onnxruntime::session(library, path, settings).map_err(|e| e.to_string())?;
-                        run_session(&mut session, &zeros)
-                            .map_err(|e| format!("warming up U2-Net on ONNX Runtime: {e}"))?;
+                        run_session(&mut session, side, &zeros)
+                            .map_err(|e| format!("warming up the model on ONNX Runtime: {e}"))?;
                         Ok::<_, String>(session)
                     })
                 })
@@ -277,6 +444,7 @@ impl U2net {
         })?;
         tracing::info!(
             model = %path.display(),
+            kind = kind.as_str(),
             library = %library.display(),
             provider = settings.provider.as_str(),
             sessions = settings.sessions,
@@ -291,8 +459,23 @@ impl U2net {
                 returned: Condvar::new(),
                 settings: *settings,
             }),
+            kind,
             path: path.to_path_buf(),
+            recent: Mutex::default(),
         })
+    }
+
+    /// The model's run per image lately (a moving average, in ms; `None`
+    /// before the first image), and the images this process cut out per
+    /// second over the last minute.
+    pub fn recent(&self) -> (Option<f64>, f64) {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        (recent.inference_ms, recent.images_per_s())
+    }
+
+    /// The model's family.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
     }
 
     pub fn runtime(&self) -> Runtime {
@@ -310,22 +493,23 @@ impl U2net {
         }
     }
 
-    /// The model's first output for one 1×3×320×320 input, and the time
+    /// The model's first output for one 1×3×side×side input, and the time
     /// waited for a session and the time the run took.
     fn infer(&self, input: &[f32]) -> Result<(Vec<f32>, Duration, Duration), String> {
+        let side = self.kind.side();
         match &self.inference {
             Inference::Tract(plan) => {
                 let started = Instant::now();
                 let input =
-                    Tensor::from_shape(&[1, 3, SIDE, SIDE], input).map_err(|e| format!("U2-Net's input: {e:#}"))?;
+                    Tensor::from_shape(&[1, 3, side, side], input).map_err(|e| format!("the model's input: {e:#}"))?;
                 let out = plan
                     .run(tvec!(input.into()))
-                    .map_err(|e| format!("running U2-Net: {e:#}"))?;
+                    .map_err(|e| format!("running the model: {e:#}"))?;
                 let pred = out[0]
                     .to_plain_array_view::<f32>()
-                    .map_err(|e| format!("U2-Net's output: {e:#}"))?;
+                    .map_err(|e| format!("the model's output: {e:#}"))?;
                 Ok((
-                    pred.iter().take(SIDE * SIDE).copied().collect(),
+                    pred.iter().take(side * side).copied().collect(),
                     Duration::ZERO,
                     started.elapsed(),
                 ))
@@ -336,7 +520,7 @@ impl U2net {
                 let wait = waiting.elapsed();
                 let started = Instant::now();
                 let session = lent.session.as_mut().expect("a lent session is there until dropped");
-                let pred = run_session(session, input)?;
+                let pred = run_session(session, side, input)?;
                 Ok((pred, wait, started.elapsed()))
             }
         }
@@ -349,11 +533,11 @@ impl U2net {
 
     fn mask_timed(&self, img: &DynamicImage) -> Result<(GrayImage, Steps), String> {
         let started = Instant::now();
-        let input = preprocess(img)?;
+        let input = preprocess(img, self.kind)?;
         let preprocess = started.elapsed();
         let (pred, wait, inference) = self.infer(&input)?;
         let started = Instant::now();
-        let mask = postprocess(&pred, img.width(), img.height())?;
+        let mask = postprocess(&pred, self.kind, img.width(), img.height())?;
         let steps = Steps {
             preprocess,
             wait,
@@ -376,22 +560,26 @@ impl U2net {
         let cut = apply_alpha(img, &mask);
         steps.postprocess += started.elapsed();
         record_metrics(self.runtime(), &steps);
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .note(steps.inference);
         Ok((cut, steps))
     }
 }
 
-/// One run of `session` on one 1×3×320×320 input: the first output's first
-/// channel.
-fn run_session(session: &mut ort::session::Session, input: &[f32]) -> Result<Vec<f32>, String> {
-    let input = ort::value::TensorRef::from_array_view(([1, 3, SIDE, SIDE], input))
-        .map_err(|e| format!("U2-Net's input: {e}"))?;
+/// One run of `session` on one 1×3×side×side input: the first output's
+/// first channel.
+fn run_session(session: &mut ort::session::Session, side: usize, input: &[f32]) -> Result<Vec<f32>, String> {
+    let input = ort::value::TensorRef::from_array_view(([1, 3, side, side], input))
+        .map_err(|e| format!("the model's input: {e}"))?;
     let out = session
         .run(ort::inputs![input])
-        .map_err(|e| format!("running U2-Net: {e}"))?;
+        .map_err(|e| format!("running the model: {e}"))?;
     let (_, pred) = out[0]
         .try_extract_tensor::<f32>()
-        .map_err(|e| format!("U2-Net's output: {e}"))?;
-    Ok(pred.iter().take(SIDE * SIDE).copied().collect())
+        .map_err(|e| format!("the model's output: {e}"))?;
+    Ok(pred.iter().take(side * side).copied().collect())
 }
 
 /// `img` with `mask` multiplied into its alpha, in one pass over the pixels.
@@ -412,9 +600,11 @@ fn apply_alpha(img: &DynamicImage, mask: &GrayImage) -> RgbaImage {
     rgba
 }
 
-/// rembg's input: the image at 320×320, divided by its largest value,
-/// normalised per channel, planar (NCHW).
-fn preprocess(img: &DynamicImage) -> Result<Vec<f32>, String> {
+/// rembg's input: the image at the family's side, divided by its largest
+/// value, normalised per channel, planar (NCHW).
+fn preprocess(img: &DynamicImage, kind: ModelKind) -> Result<Vec<f32>, String> {
+    let side = kind.side();
+    let (mean, std) = (kind.mean(), kind.std());
     let (w, h) = (img.width(), img.height());
     // rembg's `convert("RGB")`: alpha dropped, not composited.
     let converted: RgbImage;
@@ -425,23 +615,33 @@ fn preprocess(img: &DynamicImage) -> Result<Vec<f32>, String> {
             &converted
         }
     };
-    let small = resize_u8(rgb.as_raw(), w, h, SIDE as u32, SIDE as u32, PixelType::U8x3)?;
+    let small = resize_u8(rgb.as_raw(), w, h, side as u32, side as u32, PixelType::U8x3)?;
     // rembg divides by the largest value in the resized image.
     let max = small.iter().copied().max().unwrap_or(0) as f64;
     let max = max.max(1e-6);
-    let mut input = Vec::with_capacity(3 * SIDE * SIDE);
+    let mut input = Vec::with_capacity(3 * side * side);
     for c in 0..3 {
         input.extend(small.chunks_exact(3).map(|p| {
             let v = p[c] as f64 / max;
-            ((v - MEAN[c] as f64) / STD[c] as f64) as f32
+            ((v - mean[c]) / std[c]) as f32
         }));
     }
     Ok(input)
 }
 
-/// rembg's mask from the model's 320×320 prediction: min-max normalised,
-/// truncated to 8 bits, resized to `w`×`h`.
-fn postprocess(pred: &[f32], w: u32, h: u32) -> Result<GrayImage, String> {
+/// rembg's mask from the model's side×side prediction: through a sigmoid
+/// when it is logits, min-max normalised, truncated to 8 bits, resized to
+/// `w`×`h`.
+fn postprocess(pred: &[f32], kind: ModelKind, w: u32, h: u32) -> Result<GrayImage, String> {
+    let side = kind.side() as u32;
+    let squashed: Vec<f32>;
+    let pred = if kind.outputs_logits() {
+        // numpy's `1 / (1 + np.exp(-mat))`, in the output's f32.
+        squashed = pred.iter().map(|&v| 1.0 / (1.0 + (-v).exp())).collect();
+        &squashed[..]
+    } else {
+        pred
+    };
     let (mi, ma) = pred
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
@@ -451,7 +651,7 @@ fn postprocess(pred: &[f32], w: u32, h: u32) -> Result<GrayImage, String> {
         .iter()
         .map(|&v| if span > 0.0 { ((v - mi) / span * 255.0) as u8 } else { 0 })
         .collect();
-    let full = resize_u8(&mask8, SIDE as u32, SIDE as u32, w, h, PixelType::U8)?;
+    let full = resize_u8(&mask8, side, side, w, h, PixelType::U8)?;
     Ok(GrayImage::from_raw(w, h, full).expect("the resize made w×h bytes"))
 }
 
@@ -468,4 +668,34 @@ fn resize_u8(src: &[u8], w: u32, h: u32, dw: u32, dh: u32, pixel: PixelType) -> 
         )
         .map_err(|e| format!("resizing: {e}"))?;
     Ok(dst.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rembgs_model_files_are_told_by_name() {
+        let kind = |name: &str| ModelKind::from_file_name(Path::new(name));
+        for name in ["u2netp.onnx", "u2net.onnx", "u2net_human_seg.onnx", "/m/silueta.onnx"] {
+            assert_eq!(kind(name), Some(ModelKind::U2net), "{name}");
+        }
+        for name in ["isnet-general-use.onnx", "isnet-anime.onnx"] {
+            assert_eq!(kind(name), Some(ModelKind::Isnet), "{name}");
+        }
+        for name in [
+            "BiRefNet-general-epoch_244.onnx",
+            "BiRefNet-general-bb_swin_v1_tiny-epoch_232.onnx",
+            "birefnet-portrait.onnx",
+        ] {
+            assert_eq!(kind(name), Some(ModelKind::Birefnet), "{name}");
+        }
+        assert_eq!(kind("model.onnx"), None);
+        let e = ModelKind::resolve(Path::new("model.onnx"), None).unwrap_err();
+        assert!(e.contains("model_kind"), "{e}");
+        assert_eq!(
+            ModelKind::resolve(Path::new("model.onnx"), Some(ModelKind::Isnet)),
+            Ok(ModelKind::Isnet)
+        );
+    }
 }

@@ -47,6 +47,7 @@ async fn all_three_operations_with_each_engine_on_a_real_portrait() {
         (
             "u2net on tract",
             BgRemovalConfig::U2net {
+                model_kind: None,
                 model: model.clone(),
                 runtime: Runtime::Tract,
                 onnxruntime_library: None,
@@ -56,6 +57,7 @@ async fn all_three_operations_with_each_engine_on_a_real_portrait() {
         (
             "u2net on onnxruntime",
             BgRemovalConfig::U2net {
+                model_kind: None,
                 model: model.clone(),
                 runtime: Runtime::Onnxruntime,
                 onnxruntime_library: Some(onnxruntime_library()),

@@ -111,6 +111,7 @@ async fn in_process_mask_matches_rembgs() {
     let (ctx, _dir) = context();
     for runtime in [Runtime::Tract, Runtime::Onnxruntime] {
         let stage = BgRemovalConfig::U2net {
+            model_kind: None,
             model: model_path.clone(),
             runtime,
             onnxruntime_library: Some(library.clone()),

@@ -60,6 +60,18 @@ pub fn rembg_bin() -> PathBuf {
     })
 }
 
+/// The Python of rembg's virtualenv (next to the `rembg` command), which
+/// also has the `onnx` package scripts/install-rembg.sh installs.
+pub fn rembg_python() -> PathBuf {
+    let python = rembg_bin().with_file_name("python3");
+    assert!(
+        python.is_file(),
+        "{} is missing: run scripts/install-rembg.sh (it makes rembg's virtualenv)",
+        python.display()
+    );
+    python
+}
+
 /// ONNX Runtime's shared library: `$ORT_DYLIB_PATH`, else the one in the
 /// onnxruntime package of the virtualenv scripts/install-rembg.sh makes
 /// (rembg runs on it). Panics, saying how to get one, when there is none.
