@@ -98,6 +98,26 @@ pub fn table(s: &PipelineStats) -> String {
         ));
     }
     out.push('\n');
+    // What stages measure of their own work, per worker: bg-removal's
+    // inference time and rate, to size its pool by.
+    for w in s.workers.iter().filter(|w| !w.measures.is_empty()) {
+        let figures: Vec<String> = w
+            .measures
+            .iter()
+            .map(|(name, v)| match name.as_str() {
+                "inference_ms" => format!("inference {v:.0} ms/image"),
+                "images_per_s" => format!("{v:.2} images/s (last minute)"),
+                _ => format!("{name} {v:.2}"),
+            })
+            .collect();
+        out.push_str(&format!(
+            "{} worker {} on {}: {}\n",
+            w.stage,
+            w.consumer,
+            if w.host.is_empty() { "?" } else { &w.host },
+            figures.join(", ")
+        ));
+    }
     if let Some(a) = &s.admission {
         out.push_str(&format!("Admission window: {} images ({})\n", a.window, a.reason));
     }

@@ -281,9 +281,10 @@ fn up_finds_the_model_in_its_data_directory_wherever_it_is_started() {
 
     // Started from elsewhere, up still finds it: no border-key fallback.
     let elsewhere = tempfile::tempdir().unwrap();
+    let listen = free_addr();
     let mut child = bin()
         .current_dir(elsewhere.path())
-        .args(["up", "--listen", &free_addr(), "--data-dir"])
+        .args(["up", "--listen", &listen, "--data-dir"])
         .arg(&data)
         .env("IMAGE_QUEUE_REDIS_FSYNC", "everysec")
         .stdout(Stdio::piped())
@@ -300,6 +301,51 @@ fn up_finds_the_model_in_its_data_directory_wherever_it_is_started() {
         engine.contains(&data.join("models/u2netp.onnx").display().to_string()),
         "{engine}"
     );
+
+    // After a cutout, `stats` shows the bg-removal worker's inference time
+    // and rate, to size the pool by.
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages/tests/data/astronaut.png");
+    let photo =
+        std::fs::read(&photo).unwrap_or_else(|e| panic!("{}: {e}: run scripts/fetch-test-images.sh", photo.display()));
+    let demo = std::fs::read_to_string(data.join("demo-vendor.key")).unwrap();
+    let submitted = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let form = reqwest::multipart::Form::new()
+            .text("operations", "bg-removal")
+            .part(
+                "images",
+                reqwest::multipart::Part::bytes(photo)
+                    .file_name("astronaut.png")
+                    .mime_str("image/png")
+                    .unwrap(),
+            )
+            .text("record_id", "sku-1");
+        let r = reqwest::Client::new()
+            .post(format!("http://{listen}/api/image-queue/jobs"))
+            .bearer_auth(demo.trim())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap_or_default())
+    });
+    assert_eq!(submitted.0, 202, "{}", submitted.1);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let line = loop {
+        let out = bin().arg("--data-dir").arg(&data).arg("stats").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(line) = text.lines().find(|l| l.starts_with("bg-removal worker")) {
+            break line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no bg-removal worker figures in stats:\n{text}"
+        );
+        // A heartbeat carries the figures: they come within seconds.
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("{line}");
+    assert!(line.contains("ms/image") && line.contains("images/s"), "{line}");
 }
 
 #[test]

@@ -105,6 +105,13 @@ pub trait Stage: Send + Sync + 'static {
         None
     }
 
+    /// Figures the stage measures of its own work lately, by name, for the
+    /// worker's heartbeat (`image-queue stats` shows them per worker): e.g.
+    /// bg-removal's `inference_ms` and `images_per_s`.
+    fn measures(&self) -> std::collections::BTreeMap<String, f64> {
+        Default::default()
+    }
+
     /// Handles a batch, one result per event in order. Acknowledgements
     /// happen only after this returns, so a batch is all-or-nothing per event.
     async fn handle_batch(&self, events: Vec<ImageEvent>) -> Vec<Result<Outcome, StageError>> {

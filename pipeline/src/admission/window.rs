@@ -163,6 +163,7 @@ mod tests {
             service_ms: Some(service_ms),
             capacity_per_s: Some(concurrency as f64 * 1000.0 / service_ms),
             last_handled_ms: 100_000,
+            measures: Default::default(),
         }
     }
 
