@@ -109,13 +109,15 @@ pub async fn serve_api_on(
     image_queue_api::metrics::install();
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {
-        jobs: JobStore::new(p.clone(), config.job_retention_secs).with_scheduling(
-            QuotaConfig {
-                limits: config.pipeline.quotas.clone(),
-                window_ms: config.pipeline.quota_window_ms,
-            },
-            config.pipeline.admission_window,
-        ),
+        jobs: JobStore::new(p.clone(), config.job_retention_secs)
+            .with_scheduling(
+                QuotaConfig {
+                    limits: config.pipeline.quotas.clone(),
+                    window_ms: config.pipeline.quota_window_ms,
+                },
+                config.pipeline.admission_window,
+            )
+            .with_replication(config.redis),
         blobs: p.blobs.clone(),
         auth: Auth::new(p.clone(), admin),
         config: ApiConfig {

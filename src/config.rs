@@ -35,6 +35,8 @@ pub struct Config {
     pub redis_url: String,
     /// Fsync policy of the embedded Redis: `always` or `everysec`.
     pub redis_fsync: String,
+    /// Replicas a submitted job must reach before it is accepted.
+    pub redis: image_queue_pipeline::ReplicationConfig,
     /// Results database: `sqlite://…`, `mysql://…` or `postgres://…`.
     /// Empty: SQLite under `data_dir`.
     pub database_url: String,
@@ -86,6 +88,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             redis_url: String::new(),
             redis_fsync: "always".into(),
+            redis: Default::default(),
             database_url: String::new(),
             key_prefix: "iq".into(),
             admin_key: String::new(),

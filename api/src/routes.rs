@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use image_queue_pipeline::estimate::StartEstimate;
 use image_queue_pipeline::jobs::{is_terminal, Cancelled};
-use image_queue_pipeline::{NewImage, NewJob, Operation, Source};
+use image_queue_pipeline::{NewImage, NewJob, Operation, Source, SubmitError};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
@@ -316,7 +316,7 @@ pub async fn submit(
         .await;
     let submitted = match submitted {
         Ok(s) => s,
-        Err(e) => {
+        Err(SubmitError::Redis(e)) => {
             // Refused by Redis (out of memory, loading, ...): no job was
             // made. A lost connection may have made it after all; then its
             // blobs stay, for the job or for the sweep.
@@ -324,6 +324,13 @@ pub async fn submit(
                 drop_blobs().await;
             }
             return Err(e.into());
+        }
+        Err(e @ SubmitError::NotReplicated { .. }) => {
+            // The primary has the job, a failover could lose it: not
+            // accepted. Its blobs stay for it; the client's retry with the
+            // same Idempotency-Key answers with this job once replicated.
+            tracing::warn!(error = %e, "a submit was not confirmed by enough replicas");
+            return Err(ApiError::Unavailable);
         }
     };
     if !submitted.created {

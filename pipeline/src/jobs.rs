@@ -5,9 +5,10 @@
 //! on. It expires after the retention period; so does the vendor's index.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use redis::AsyncCommands;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::context::Pipeline;
 use crate::estimate::{self, QuotaConfig, StartEstimate};
@@ -51,6 +52,51 @@ pub struct Submitted {
     /// The earlier job's request, when the key named one, had another
     /// fingerprint than this one.
     pub conflicting: bool,
+}
+
+/// How many replicas must hold a submitted job before the submit is
+/// answered (`[redis]` in the configuration). With none (the default, and
+/// right for a single node), a submit is answered once the primary has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Replicas that must confirm a job (Redis's `WAIT`) before it is
+    /// accepted; when fewer confirm in time the submit is refused as
+    /// unavailable, and the client's retry with the same Idempotency-Key
+    /// gets the one job.
+    pub min_replicas: u32,
+    /// How long a submit waits for them, in milliseconds.
+    pub wait_timeout_ms: u64,
+    /// Wait until the replicas have the job in their append-only files too
+    /// (`WAITAOF`, Redis 7.2 and later, replicas with `appendonly yes`),
+    /// not only in memory.
+    pub wait_aof: bool,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            min_replicas: 0,
+            wait_timeout_ms: 1_000,
+            wait_aof: false,
+        }
+    }
+}
+
+/// Why a submit was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// The primary has the job but too few replicas confirmed it in time:
+    /// a failover now could lose it. Not an acceptance; a retry with the
+    /// same idempotency key answers with this job once it is replicated.
+    #[error("job {job_id} is on {confirmed} of the {wanted} replica(s) required")]
+    NotReplicated {
+        job_id: String,
+        confirmed: u32,
+        wanted: u32,
+    },
 }
 
 /// What an idempotency key recorded: the job it made and the fingerprint
@@ -145,7 +191,22 @@ pub struct JobStore {
     /// What the scheduler enforces, for start estimates.
     quotas: QuotaConfig,
     admission_window: u64,
+    replication: ReplicationConfig,
+    /// Connections of their own for submits that wait for replicas: `WAIT`
+    /// holds the connection it is sent on, and on the shared one it would
+    /// hold every other command behind it.
+    waiting_conns: std::sync::Arc<WaitingConns>,
 }
+
+/// A few connections lent to one submit at a time.
+struct WaitingConns {
+    idle: std::sync::Mutex<Vec<redis::aio::MultiplexedConnection>>,
+    lendable: tokio::sync::Semaphore,
+}
+
+/// Submits waiting for replicas at once, per process; more queue for a
+/// connection.
+const WAITING_SUBMITS: usize = 32;
 
 impl JobStore {
     pub fn new(p: Pipeline, retention_secs: u64) -> Self {
@@ -154,11 +215,22 @@ impl JobStore {
             retention_secs,
             quotas: QuotaConfig::default(),
             admission_window: 0,
+            replication: ReplicationConfig::default(),
+            waiting_conns: std::sync::Arc::new(WaitingConns {
+                idle: Default::default(),
+                lendable: tokio::sync::Semaphore::new(WAITING_SUBMITS),
+            }),
         }
     }
 
     /// Tells the store the scheduler's quotas and admission window (the
     /// pipeline's config), so its start estimates account for them.
+    /// Submits wait for `replication.min_replicas` replicas.
+    pub fn with_replication(mut self, replication: ReplicationConfig) -> Self {
+        self.replication = replication;
+        self
+    }
+
     pub fn with_scheduling(mut self, quotas: QuotaConfig, admission_window: u64) -> Self {
         self.quotas = quotas;
         self.admission_window = admission_window;
@@ -190,7 +262,7 @@ impl JobStore {
     }
 
     /// Records a job and queues its images, atomically.
-    pub async fn submit(&self, job: NewJob) -> redis::RedisResult<Submitted> {
+    pub async fn submit(&self, job: NewJob) -> Result<Submitted, SubmitError> {
         let now = now_ms();
         let keys = &self.p.keys;
         let ops: Vec<&str> = job.operations.iter().map(|o| o.as_str()).collect();
@@ -230,14 +302,81 @@ impl JobStore {
             };
             inv.arg(&img.record_id).arg(event.to_json());
         }
-        let mut conn = self.p.conn.clone();
-        let (job_id, created, fingerprint): (String, i64, String) = inv.invoke_async(&mut conn).await?;
+        let (job_id, created, fingerprint): (String, i64, String) = if self.replication.min_replicas == 0 {
+            inv.invoke_async(&mut self.p.conn.clone()).await?
+        } else {
+            let _lent = self
+                .waiting_conns
+                .lendable
+                .acquire()
+                .await
+                .expect("the semaphore is never closed");
+            let idle = self.waiting_conns.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let mut conn = match idle {
+                Some(c) => c,
+                None => {
+                    let timeout = Duration::from_millis(self.replication.wait_timeout_ms) + Duration::from_secs(5);
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(Duration::from_secs(5)))
+                        .set_response_timeout(Some(timeout));
+                    self.p
+                        .client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?
+                }
+            };
+            let reply: (String, i64, String) = inv.invoke_async(&mut conn).await?;
+            // Also when the key named an earlier job: that job may be the
+            // one a submit refused here for want of replicas.
+            self.wait_for_replicas(&mut conn, &reply.0).await?;
+            self.waiting_conns
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+            reply
+        };
         let earlier = EarlierSubmit { job_id, fingerprint };
         Ok(Submitted {
             conflicting: created != 1 && earlier.conflicts_with(job.fingerprint.as_deref()),
             job_id: earlier.job_id,
             created: created == 1,
         })
+    }
+
+    /// Waits until the configured replicas hold every write this
+    /// connection made so far (the job's among them).
+    async fn wait_for_replicas(
+        &self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        job_id: &str,
+    ) -> Result<(), SubmitError> {
+        let r = self.replication;
+        let confirmed: u32 = if r.wait_aof {
+            // [fsynced locally, replicas that fsynced]; 0 local: the primary
+            // may run without an append-only file.
+            let (_, replicas): (u32, u32) = redis::cmd("WAITAOF")
+                .arg(0)
+                .arg(r.min_replicas)
+                .arg(r.wait_timeout_ms)
+                .query_async(conn)
+                .await?;
+            replicas
+        } else {
+            redis::cmd("WAIT")
+                .arg(r.min_replicas)
+                .arg(r.wait_timeout_ms)
+                .query_async(conn)
+                .await?
+        };
+        if confirmed < r.min_replicas {
+            return Err(SubmitError::NotReplicated {
+                job_id: job_id.to_string(),
+                confirmed,
+                wanted: r.min_replicas,
+            });
+        }
+        Ok(())
     }
 
     /// The job an earlier submit with this idempotency key made, if any.

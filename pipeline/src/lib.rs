@@ -30,7 +30,7 @@ pub mod webhooks;
 
 pub use blob::{BlobStore, BlobWriter, LocalBlobStore};
 pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};
-pub use jobs::{JobStore, JobView, NewImage, NewJob};
+pub use jobs::{JobStore, JobView, NewImage, NewJob, ReplicationConfig, SubmitError};
 pub use keys::Keys;
 pub use retry::RetryPolicy;
 pub use runner::{Pipeline, RunnerConfig};

@@ -37,6 +37,8 @@ pub struct RedisServer {
     dir: PathBuf,
     fsync: Fsync,
     embedded: Option<Embedded>,
+    /// The primary's port, for a replica.
+    replica_of: Option<u16>,
 }
 
 /// What `up`'s own server adds to a test server.
@@ -70,6 +72,24 @@ impl RedisServer {
             dir: dir.to_path_buf(),
             fsync,
             embedded: None,
+            replica_of: None,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Starts a replica of `primary` on a free port, with its data under
+    /// `dir`. It is ready to serve when this returns; its first sync with
+    /// the primary may still be under way.
+    pub async fn start_replica(dir: &Path, primary: &RedisServer, fsync: Fsync) -> io::Result<RedisServer> {
+        std::fs::create_dir_all(dir)?;
+        let mut server = RedisServer {
+            child: None,
+            port: free_port()?,
+            dir: dir.to_path_buf(),
+            fsync,
+            embedded: None,
+            replica_of: Some(primary.port),
         };
         server.spawn().await?;
         Ok(server)
@@ -92,6 +112,7 @@ impl RedisServer {
                 port: free_port()?,
                 dir: dir.to_path_buf(),
                 fsync,
+                replica_of: None,
                 embedded: Some(Embedded {
                     password: password.to_string(),
                     keep_open,
@@ -149,6 +170,9 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no", "--maxmemory-policy", "noeviction"]);
+        if let Some(primary) = self.replica_of {
+            cmd.args(["--replicaof", "127.0.0.1"]).arg(primary.to_string());
+        }
         match self.fsync {
             Fsync::Always => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
             Fsync::EverySec => cmd.args(["--appendonly", "yes", "--appendfsync", "everysec"]),
