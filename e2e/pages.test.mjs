@@ -130,6 +130,9 @@ test("the dashboard shows the pipeline live, and dead letters can be deleted", a
   // The broken image's dead letter, found and deleted with the admin key.
   await page.fill("#admin-key", ADMIN_KEY);
   await page.dispatchEvent("#admin-key", "change");
+  // With the admin key, the admission window and its reason are shown.
+  await page.waitForFunction(() => /Admission window: \d+ image\(s\) in flight downstream · \S/
+    .test(document.getElementById("admission").textContent), null, { timeout: 30_000 });
   await page.fill("#dlq-vendor", "demo");
   // The broken image reaches its dead end in its own time: wait for it
   // through the API, then look for it on the page.

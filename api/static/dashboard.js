@@ -37,6 +37,11 @@ async function refreshStats() {
       parts.push(stageCard(s));
     });
     document.getElementById("pipeline").replaceChildren(...parts);
+    // The fair-admission window (admin key only): how many images may be
+    // in flight past rate-check, and why that many.
+    document.getElementById("admission").textContent = st.admission
+      ? `Admission window: ${st.admission.window} image(s) in flight downstream · ${st.admission.reason}`
+      : "";
     document.getElementById("advice").replaceChildren(
       ...st.stages.filter((s) => s.advice).map((s) => el("p", { class: "advice" }, s.advice)));
     const vendors = Object.entries(st.vendor_backlog || {}).map(([v, n]) => `${v}: ${n}`).join(", ");
