@@ -63,7 +63,7 @@ impl Stage for Noop {
     }
 }
 
-async fn redis_cpu_seconds(p: &Pipeline) -> anyhow::Result<f64> {
+pub(crate) async fn redis_cpu_seconds(p: &Pipeline) -> anyhow::Result<f64> {
     let mut conn = p.conn.clone();
     let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
     let mut total = 0.0;
@@ -87,7 +87,7 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 
 /// A pipeline on the user's Redis under a prefix of its own (removed by
 /// `cleanup`), with blobs in a temporary directory kept while the guard lives.
-async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String, tempfile::TempDir)> {
+pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String, tempfile::TempDir)> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir()?;
     let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
@@ -179,7 +179,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
                 })
                 .await?;
             }
-            Ok::<_, redis::RedisError>(())
+            Ok::<_, image_queue_pipeline::SubmitError>(())
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -235,8 +235,9 @@ pub struct FairnessArgs {
     pub redis_url: String,
     /// Vendor A's backlog, in images (jobs of 100).
     pub backlog: usize,
-    /// What the resize stage spends on each image (synthetic work).
-    pub work: Duration,
+    /// What the resize stage spends on each image (synthetic work): one
+    /// cost, or a mix that images take in turn by their index.
+    pub work: Vec<Duration>,
     /// Resize's concurrency.
     pub concurrency: usize,
     /// The fixed admission window to compare the sized one with.
@@ -244,6 +245,37 @@ pub struct FairnessArgs {
     /// Real resize work on generated 2000–4000-pixel JPEGs instead of a
     /// synthetic delay.
     pub real: bool,
+    /// Which admissions to measure, in this order.
+    pub modes: Vec<Mode>,
+    /// Measure A's throughput too (waits for A's whole backlog to drain).
+    pub drain: bool,
+}
+
+/// An admission to measure, as `--modes` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Sized,
+    Fixed,
+    Fifo,
+}
+
+/// A stage that spends a cost from a mix on each image, chosen by the
+/// image's index, so images of one job cost different amounts.
+struct Mixed(StageName, Vec<Duration>);
+
+#[async_trait]
+impl Stage for Mixed {
+    fn name(&self) -> StageName {
+        self.0
+    }
+
+    async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
+        let cost = self.1[event.image as usize % self.1.len()];
+        if !cost.is_zero() {
+            tokio::time::sleep(cost).await;
+        }
+        Ok(Outcome::Done(event))
+    }
 }
 
 /// How admission is run in one measurement.
@@ -272,8 +304,8 @@ struct FairnessRun {
     /// A's images done when B's finished.
     backlog_done: u64,
     /// A's images finished per second, its whole backlog from its first
-    /// submit to its last image.
-    a_images_per_s: f64,
+    /// submit to its last image (absent when not drained).
+    a_images_per_s: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -281,14 +313,14 @@ struct FairnessResult {
     backlog: usize,
     work: String,
     concurrency: usize,
-    sized: FairnessRun,
-    fixed: FairnessRun,
-    fifo: FairnessRun,
+    sized: Option<FairnessRun>,
+    fixed: Option<FairnessRun>,
+    fifo: Option<FairnessRun>,
     /// How much longer B waits behind the backlog on a FIFO than with
     /// the sized window.
-    fifo_over_sized: f64,
+    fifo_over_sized: Option<f64>,
     /// A's throughput with the sized window over a fixed one's.
-    sized_over_fixed_throughput: f64,
+    sized_over_fixed_throughput: Option<f64>,
 }
 
 /// Vendor A submits `backlog` images, then vendor B submits one; B's
@@ -300,19 +332,31 @@ pub async fn fairness(args: FairnessArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let sized = fairness_run(&args, Admission::Sized, sources.as_ref()).await?;
-    let fixed = fairness_run(&args, Admission::Fixed(args.window), sources.as_ref()).await?;
-    let fifo = fairness_run(&args, Admission::Fifo, sources.as_ref()).await?;
+    let (mut sized, mut fixed, mut fifo) = (None, None, None);
+    for mode in &args.modes {
+        match mode {
+            Mode::Sized => sized = Some(fairness_run(&args, Admission::Sized, sources.as_ref()).await?),
+            Mode::Fixed => fixed = Some(fairness_run(&args, Admission::Fixed(args.window), sources.as_ref()).await?),
+            Mode::Fifo => fifo = Some(fairness_run(&args, Admission::Fifo, sources.as_ref()).await?),
+        }
+    }
+    let costs: Vec<String> = args.work.iter().map(|d| d.as_millis().to_string()).collect();
     let result = FairnessResult {
         backlog: args.backlog,
         work: if args.real {
             "real resize of 2000-4000 px JPEGs".into()
         } else {
-            format!("{} ms per image", args.work.as_millis())
+            format!("{} ms per image", costs.join("/"))
         },
         concurrency: args.concurrency,
-        fifo_over_sized: fifo.behind_ms / sized.behind_ms,
-        sized_over_fixed_throughput: sized.a_images_per_s / fixed.a_images_per_s.max(f64::MIN_POSITIVE),
+        fifo_over_sized: sized
+            .as_ref()
+            .zip(fifo.as_ref())
+            .map(|(s, f)| f.behind_ms / s.behind_ms),
+        sized_over_fixed_throughput: sized
+            .as_ref()
+            .zip(fixed.as_ref())
+            .and_then(|(s, f)| Some(s.a_images_per_s? / f.a_images_per_s?.max(f64::MIN_POSITIVE))),
         sized,
         fixed,
         fifo,
@@ -429,7 +473,7 @@ async fn fairness_run(
                         .build(ctx, image_queue_stages::decode::DecodeLimits::default()),
                 )
             }
-            (StageName::Resize, None) => Arc::new(Noop(name, args.work)),
+            (StageName::Resize, None) => Arc::new(Mixed(name, args.work.clone())),
             _ => Arc::new(Noop(name, Duration::ZERO)),
         };
         let runner = StageRunner::new(p.clone(), stage, cfg);
@@ -535,17 +579,18 @@ async fn fairness_run(
     }
     // A's throughput: its whole backlog, from its first submit to its
     // last image (what fairness must not cost).
-    loop {
+    let mut drained = !args.drain;
+    while !drained {
         let mut open = 0;
         for id in &backlog {
             if !jobs.get(None, id).await?.is_some_and(|j| j.is_terminal()) {
                 open += 1;
             }
         }
-        if open == 0 {
-            break;
+        drained = open == 0;
+        if !drained {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let a_elapsed = a_started.elapsed();
     shutdown.cancel();
@@ -560,7 +605,7 @@ async fn fairness_run(
         admission,
         window,
         window_reason,
-        a_images_per_s: args.backlog as f64 / a_elapsed.as_secs_f64(),
+        a_images_per_s: args.drain.then(|| args.backlog as f64 / a_elapsed.as_secs_f64()),
         alone_ms: alone.as_secs_f64() * 1000.0,
         behind_ms: behind.as_secs_f64() * 1000.0,
         ratio: behind.as_secs_f64() / alone.as_secs_f64(),

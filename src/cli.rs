@@ -123,9 +123,10 @@ pub enum BenchWhat {
         /// Vendor A's backlog, in images.
         #[arg(long, default_value_t = 2_000)]
         backlog: usize,
-        /// Milliseconds the resize stage spends on each image.
-        #[arg(long, default_value_t = 25)]
-        work_ms: u64,
+        /// Milliseconds the resize stage spends on each image; a list
+        /// (`10,100,1000`) is a mix the images take in turn.
+        #[arg(long, value_delimiter = ',', default_value = "25")]
+        work_ms: Vec<u64>,
         /// Resize's concurrency.
         #[arg(long, default_value_t = 4)]
         concurrency: usize,
@@ -136,6 +137,38 @@ pub enum BenchWhat {
         /// `--work-ms` of synthetic work.
         #[arg(long)]
         real: bool,
+        /// The admissions to measure: sized (the default window), fixed
+        /// (`--window`), fifo.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "sized,fixed,fifo")]
+        modes: Vec<crate::bench::Mode>,
+        /// Do not wait for A's backlog to drain after B's image (no
+        /// throughput figure; for long real-work runs).
+        #[arg(long)]
+        no_drain: bool,
+    },
+    /// Photographs through every operation on the engine `up` would choose,
+    /// end to end, against the engine's raw rate on the same images in the
+    /// same run, with each stage's CPU time per image; prints one JSON line.
+    Images {
+        /// Images to run, cycling through the photographs.
+        #[arg(long, default_value_t = 60)]
+        images: usize,
+        /// Directory of JPEG and PNG photographs.
+        #[arg(long, default_value = "stages/tests/data")]
+        photos: PathBuf,
+    },
+    /// Three vendors of weights 1, 2 and 4, all backlogged: the shares of
+    /// the images each completes against 1:2:4; prints one JSON line.
+    Shares {
+        /// Each vendor's backlog, in images.
+        #[arg(long, default_value_t = 2_000)]
+        backlog: usize,
+        /// Milliseconds the bottleneck spends on each image.
+        #[arg(long, default_value_t = 10)]
+        work_ms: u64,
+        /// The bottleneck's concurrency.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
     },
     /// A backlog through a bottleneck of two workers; one is killed, later
     /// one added: the admission window over time and how fast it settles;

@@ -11,6 +11,8 @@
 //! `signals`.
 
 mod bench;
+mod bench_images;
+mod bench_shares;
 mod bench_window;
 mod cli;
 mod compose;
@@ -167,20 +169,45 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     })
                     .await
                 }
+                BenchWhat::Shares {
+                    backlog,
+                    work_ms,
+                    concurrency,
+                } => {
+                    bench_shares::shares(bench_shares::SharesArgs {
+                        redis_url: config.redis_url.clone(),
+                        backlog: backlog.max(100),
+                        work: std::time::Duration::from_millis(work_ms),
+                        concurrency: concurrency.max(1),
+                    })
+                    .await
+                }
+                BenchWhat::Images { images, photos } => {
+                    let redis_url = config.redis_url.clone();
+                    let args = bench_images::ImagesArgs {
+                        images: images.max(1),
+                        photos,
+                    };
+                    bench_images::images(&redis_url, config, args).await
+                }
                 BenchWhat::Fairness {
                     backlog,
                     work_ms,
                     concurrency,
                     window,
                     real,
+                    modes,
+                    no_drain,
                 } => {
                     bench::fairness(bench::FairnessArgs {
                         redis_url: config.redis_url.clone(),
                         backlog,
-                        work: std::time::Duration::from_millis(work_ms),
+                        work: work_ms.into_iter().map(std::time::Duration::from_millis).collect(),
                         concurrency: concurrency.max(1),
                         window: window.max(1),
                         real,
+                        modes,
+                        drain: !no_drain,
                     })
                     .await
                 }

@@ -125,9 +125,9 @@ fn kept_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<Str
 }
 
 /// What the banner says about the bg-removal engine.
-struct EngineChoice {
-    summary: String,
-    fell_back: bool,
+pub(crate) struct EngineChoice {
+    pub(crate) summary: String,
+    pub(crate) fell_back: bool,
 }
 
 pub async fn up(mut config: Config) -> anyhow::Result<()> {
@@ -214,7 +214,7 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
 /// Picks the bg-removal engine when none is configured: the fastest this
 /// machine can run, so that `up` cuts out real subjects when the model is
 /// there and still starts when nothing is.
-async fn choose_engine(config: &mut Config) -> anyhow::Result<EngineChoice> {
+pub(crate) async fn choose_engine(config: &mut Config) -> anyhow::Result<EngineChoice> {
     if config.bg_removal_configured {
         let name = match &config.bg_removal {
             BgRemovalConfig::BorderKey { .. } => "border-key".to_string(),

@@ -71,15 +71,50 @@ impl StageContext {
 }
 
 /// Runs CPU-heavy image work off the async runtime, turning a panic inside a
-/// decoder or encoder into a permanent error for that image.
+/// decoder or encoder into a permanent error for that image. The thread's
+/// CPU time is added to `what`'s in [`cpu_seconds`].
 pub async fn cpu<T, F>(what: &'static str, f: F) -> Result<T, StageError>
 where
     F: FnOnce() -> Result<T, StageError> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::task::spawn_blocking(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))).await {
+    let work = move || {
+        let before = thread_cpu_time();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let spent = thread_cpu_time().saturating_sub(before);
+        *CPU_SPENT
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(what)
+            .or_default() += spent;
+        r
+    };
+    match tokio::task::spawn_blocking(work).await {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(StageError::permanent(format!("{what}: the image crashed the decoder"))),
         Err(e) => Err(StageError::retryable(format!("{what}: {e}"))),
     }
+}
+
+/// CPU time spent in [`cpu`] sections, by what they were doing.
+static CPU_SPENT: std::sync::Mutex<std::collections::BTreeMap<&'static str, std::time::Duration>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// The CPU time this process's stages have spent on image work since it
+/// started, by stage (the name each gave [`cpu`]). ONNX Runtime's runs count
+/// when they run on the calling thread (one thread a session, the default
+/// on the CPU).
+pub fn cpu_seconds() -> Vec<(&'static str, f64)> {
+    let spent = CPU_SPENT.lock().unwrap_or_else(|e| e.into_inner());
+    spent.iter().map(|(k, v)| (*k, v.as_secs_f64())).collect()
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu_time() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
