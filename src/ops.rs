@@ -107,6 +107,8 @@ pub fn table(s: &PipelineStats) -> String {
             .map(|(name, v)| match name.as_str() {
                 "inference_ms" => format!("inference {v:.0} ms/image"),
                 "images_per_s" => format!("{v:.2} images/s (last minute)"),
+                "cpu_ms" => format!("CPU {v:.0} ms/image"),
+                "cpu_wait_ms" => format!("waiting for a core {v:.0} ms/image"),
                 _ => format!("{name} {v:.2}"),
             })
             .collect();

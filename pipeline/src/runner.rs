@@ -149,6 +149,9 @@ pub struct Heartbeat {
     /// When it last finished handling something.
     #[serde(default)]
     pub last_handled_ms: u64,
+    /// The cores this worker's process may run on.
+    #[serde(default)]
+    pub cores: usize,
     /// What the stage measures of its own work (see [`Stage::measures`]).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub measures: std::collections::BTreeMap<String, f64>,
@@ -1170,6 +1173,7 @@ impl StageRunner {
             service_ms: None,
             capacity_per_s: None,
             last_handled_ms: 0,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             measures: self.stage.measures(),
         };
         let beat = self.service.lock().unwrap().describe(beat, self.cfg.concurrency);

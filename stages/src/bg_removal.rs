@@ -23,13 +23,12 @@
 //! default the original, untouched: never a blank product).
 
 use std::collections::VecDeque;
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
+use image::{DynamicImage, Rgba, RgbaImage};
 use image_queue_pipeline::{ImageEvent, Outcome, Stage, StageError, StageName};
 use serde::{Deserialize, Serialize};
 
@@ -306,10 +305,7 @@ impl BgRemovalStage {
 }
 
 fn encode_png(img: &DynamicImage, what: &str) -> Result<Bytes, StageError> {
-    let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), ImageFormat::Png)
-        .map_err(|e| StageError::permanent(format!("encoding {what}: {e}")))?;
-    Ok(Bytes::from(out))
+    crate::encode_working_png(img, what)
 }
 
 #[async_trait]
@@ -319,7 +315,7 @@ impl Stage for BgRemovalStage {
     }
 
     fn measures(&self) -> std::collections::BTreeMap<String, f64> {
-        let mut m = std::collections::BTreeMap::new();
+        let mut m = crate::cpu_measures("bg-removal");
         if let Engine::U2net(model) = &self.engine {
             let (inference_ms, images_per_s) = model.recent();
             if let Some(ms) = inference_ms {

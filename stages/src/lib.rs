@@ -79,14 +79,23 @@ where
     T: Send + 'static,
 {
     let work = move || {
+        let started = std::time::Instant::now();
         let before = thread_cpu_time();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let spent = thread_cpu_time().saturating_sub(before);
-        *CPU_SPENT
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(what)
-            .or_default() += spent;
+        // The work is all computation: what its wall time has beyond its
+        // CPU time, it spent waiting for a core.
+        let waited = started.elapsed().saturating_sub(spent);
+        let mut all = CPU_SPENT.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = all.entry(what).or_default();
+        entry.spent += spent;
+        // About the last 20 images.
+        let lately = |avg: Option<f64>, d: std::time::Duration| {
+            let ms = d.as_secs_f64() * 1000.0;
+            Some(avg.map_or(ms, |avg| avg + (ms - avg) / 20.0))
+        };
+        entry.waited_ms = lately(entry.waited_ms, waited);
+        entry.cpu_ms = lately(entry.cpu_ms, spent);
         r
     };
     match tokio::task::spawn_blocking(work).await {
@@ -96,9 +105,52 @@ where
     }
 }
 
-/// CPU time spent in [`cpu`] sections, by what they were doing.
-static CPU_SPENT: std::sync::Mutex<std::collections::BTreeMap<&'static str, std::time::Duration>> =
+/// Encodes an image handed from one stage to the next (a cutout, a crop) as
+/// PNG with fast compression: it is read back by the next stage, and the
+/// default compression costs as much CPU as a stage's own work on a small
+/// photo. Still a valid, lossless PNG where it is the result itself.
+pub fn encode_working_png(img: &image::DynamicImage, what: &str) -> Result<bytes::Bytes, StageError> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    let mut out = Vec::new();
+    img.write_with_encoder(PngEncoder::new_with_quality(
+        &mut out,
+        CompressionType::Fast,
+        FilterType::Adaptive,
+    ))
+    .map_err(|e| StageError::permanent(format!("encoding {what}: {e}")))?;
+    Ok(bytes::Bytes::from(out))
+}
+
+/// What [`cpu`] sections cost, by what they were doing.
+#[derive(Default)]
+struct CpuUse {
+    /// CPU time, in all.
+    spent: std::time::Duration,
+    /// Time a section waited for a core, lately (a moving average).
+    waited_ms: Option<f64>,
+    /// CPU time of a section, lately.
+    cpu_ms: Option<f64>,
+}
+
+static CPU_SPENT: std::sync::Mutex<std::collections::BTreeMap<&'static str, CpuUse>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// What a stage reports of its image work in its heartbeat, lately: the CPU
+/// time of each image's work (`cpu_ms`) and the time it waited for a core
+/// (`cpu_wait_ms`: more images at once than the host has cores). The
+/// admission window counts images at their uncontended time and no more
+/// at once than the cores can run.
+pub fn cpu_measures(what: &str) -> std::collections::BTreeMap<String, f64> {
+    use image_queue_pipeline::admission::window::{CPU_MS, CPU_WAIT_MS};
+    let all = CPU_SPENT.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(u) = all.get(what) else {
+        return Default::default();
+    };
+    [(CPU_WAIT_MS, u.waited_ms), (CPU_MS, u.cpu_ms)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), v?)))
+        .collect()
+}
 
 /// The CPU time this process's stages have spent on image work since it
 /// started, by stage (the name each gave [`cpu`]). ONNX Runtime's runs count
@@ -106,7 +158,7 @@ static CPU_SPENT: std::sync::Mutex<std::collections::BTreeMap<&'static str, std:
 /// on the CPU).
 pub fn cpu_seconds() -> Vec<(&'static str, f64)> {
     let spent = CPU_SPENT.lock().unwrap_or_else(|e| e.into_inner());
-    spent.iter().map(|(k, v)| (*k, v.as_secs_f64())).collect()
+    spent.iter().map(|(k, v)| (*k, v.spent.as_secs_f64())).collect()
 }
 
 /// This thread's CPU time so far.

@@ -167,6 +167,10 @@ impl Stage for ResizeStage {
         StageName::Resize
     }
 
+    fn measures(&self) -> std::collections::BTreeMap<String, f64> {
+        crate::cpu_measures("resize")
+    }
+
     async fn handle(&self, mut event: ImageEvent) -> Result<Outcome, StageError> {
         let bytes = self.ctx.working_image(&event).await?;
         let limits = self.limits.clone();
