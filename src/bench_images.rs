@@ -199,7 +199,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
 fn read_photos(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let entries = std::fs::read_dir(dir).with_context(|| {
         format!(
-            "reading the photographs in {} (scripts/fetch-test-images.sh puts some in stages/tests/data; \
+            "reading the photographs in {} (scripts/fetch-test-images.sh puts some in stages/tests/data/photos; \
              or pass --photos DIR)",
             dir.display()
         )

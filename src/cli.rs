@@ -115,6 +115,10 @@ pub enum BenchWhat {
         /// Fair scheduling's admission window (0: plain FIFO).
         #[arg(long, default_value_t = 4096)]
         window: u64,
+        /// Replicas each submit waits for, as `redis.min_replicas` (the
+        /// Redis given must have them).
+        #[arg(long, default_value_t = 0)]
+        min_replicas: u32,
     },
     /// Vendor A submits a backlog, then vendor B one image: B's latency
     /// against B alone, with the sized admission window, a fixed one and on
@@ -154,7 +158,7 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 60)]
         images: usize,
         /// Directory of JPEG and PNG photographs.
-        #[arg(long, default_value = "stages/tests/data")]
+        #[arg(long, default_value = "stages/tests/data/photos")]
         photos: PathBuf,
     },
     /// Three vendors of weights 1, 2 and 4, all backlogged: the shares of
