@@ -33,6 +33,8 @@ pub struct BenchArgs {
     pub concurrency: usize,
     /// Fair scheduling's admission window (0: off).
     pub window: u64,
+    /// Replicas each submit waits for (`redis.min_replicas`).
+    pub min_replicas: u32,
 }
 
 #[derive(Serialize)]
@@ -44,6 +46,7 @@ struct BenchResult {
     p99_ms: f64,
     redis_cpu_us_per_job: f64,
     window: u64,
+    min_replicas: u32,
 }
 
 /// A stage that does nothing, or sleeps for `work` per image.
@@ -99,7 +102,10 @@ pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String
 
 pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
     let (p, prefix, _blobs_dir) = connect(&args.redis_url).await?;
-    let jobs = JobStore::new(p.clone(), 3600);
+    let jobs = JobStore::new(p.clone(), 3600).with_replication(image_queue_pipeline::ReplicationConfig {
+        min_replicas: args.min_replicas,
+        ..Default::default()
+    });
     let cfg = RunnerConfig {
         concurrency: args.concurrency,
         read_block_ms: 100,
@@ -202,6 +208,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
         p99_ms: percentile(&latencies, 0.99),
         redis_cpu_us_per_job: (cpu_after - cpu_before) * 1e6 / total as f64,
         window: args.window,
+        min_replicas: args.min_replicas,
     };
     cleanup(&p, &prefix).await?;
     println!("{}", serde_json::to_string(&result)?);

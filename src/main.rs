@@ -146,6 +146,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     rate,
                     concurrency,
                     window,
+                    min_replicas,
                 } => {
                     bench::pipeline(bench::BenchArgs {
                         redis_url: config.redis_url.clone(),
@@ -153,6 +154,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         rate,
                         concurrency,
                         window,
+                        min_replicas,
                     })
                     .await
                 }
