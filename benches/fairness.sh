@@ -29,14 +29,22 @@ done
 python3 - "${runs[@]}" <<'PY'
 import json, statistics, sys
 runs = [json.loads(a) for a in sys.argv[1:]]
-def med(mode, k): return statistics.median(r[mode][k] for r in runs)
+def med(mode, k):
+    vals = [r[mode][k] for r in runs if r[mode] and r[mode][k] is not None]
+    return statistics.median(vals) if vals else float("nan")
+def med_of(k):
+    vals = [r[k] for r in runs if r[k] is not None]
+    return statistics.median(vals) if vals else float("nan")
 r0 = runs[0]
 print(f"vendor A's backlog: {r0['backlog']} images; resize: {r0['work']}, concurrency {r0['concurrency']}")
 print(f"{'':30}{'window':>8}{'B alone ms':>12}{'B behind A ms':>15}{'ratio':>8}{'A img/s':>9}{'A done':>8}")
 for mode, name in [("sized", "sized window (default)"), ("fixed", "fixed window"), ("fifo", "plain FIFO")]:
+    if r0[mode] is None:
+        continue
     print(f"{name:30}{med(mode,'window'):>8.0f}{med(mode,'alone_ms'):>12.0f}{med(mode,'behind_ms'):>15.0f}{med(mode,'ratio'):>7.1f}x{med(mode,'a_images_per_s'):>9.1f}{med(mode,'backlog_done'):>8.0f}")
-print(f"FIFO / sized, B behind the backlog: {statistics.median(r['fifo_over_sized'] for r in runs):.0f}x")
-print(f"A's throughput, sized / fixed window: {statistics.median(r['sized_over_fixed_throughput'] for r in runs):.2f}")
-print(f"sized window's reason (round 1): {r0['sized']['window_reason']}")
+print(f"FIFO / sized, B behind the backlog: {med_of('fifo_over_sized'):.0f}x")
+print(f"A's throughput, sized / fixed window: {med_of('sized_over_fixed_throughput'):.2f}")
+if r0["sized"]:
+    print(f"sized window's reason (round 1): {r0['sized']['window_reason']}")
 print(f"medians of {len(runs)} rounds")
 PY
