@@ -32,10 +32,13 @@ pub async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
     } else {
         (config.redis_url.clone(), false)
     };
-    let blobs: Arc<dyn BlobStore> = Arc::new(
-        LocalBlobStore::new(config.blob_dir())
-            .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
-    );
+    let blobs: Arc<dyn BlobStore> = match &config.blobs {
+        Some(s3) => Arc::new(s3.build().map_err(anyhow::Error::msg)?),
+        None => Arc::new(
+            LocalBlobStore::new(config.blob_dir())
+                .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
+        ),
+    };
     Pipeline::connect(&redis_url, &config.key_prefix, blobs)
         .await
         .with_context(|| {

@@ -48,6 +48,9 @@ pub struct Config {
     pub job_retention_secs: u64,
     /// Blobs between stages. Empty: `<data_dir>/blobs`.
     pub blob_dir: PathBuf,
+    /// Blobs between stages in an S3-compatible bucket instead of
+    /// `blob_dir`, for workers on hosts that share no disk.
+    pub blobs: Option<image_queue_stages::s3_blobs::BlobsConfig>,
     /// Local upload backend's directory. Empty: `<data_dir>/media`.
     pub media_dir: PathBuf,
     /// Events (batches for db-commit) handled at once, per stage, per process.
@@ -94,6 +97,7 @@ impl Default for Config {
             admin_key: String::new(),
             job_retention_secs: 7 * 86_400,
             blob_dir: PathBuf::new(),
+            blobs: None,
             media_dir: PathBuf::new(),
             concurrency,
             pipeline: RunnerConfig::default(),

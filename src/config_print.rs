@@ -5,6 +5,7 @@
 //! otherwise make), and every secret masked.
 
 use image_queue_stages::bg_removal::default_model;
+use image_queue_stages::s3_blobs::BlobsConfig;
 use image_queue_stages::{BgRemovalConfig, UploadConfig};
 
 use crate::config::Config;
@@ -16,6 +17,7 @@ impl Config {
         let mut tree = toml::Table::try_from(self)?;
         let bg = tree.remove("bg_removal");
         let upload = tree.remove("upload");
+        let blobs = tree.remove("blobs");
         mask_table(&mut tree);
         let mut out = toml::to_string_pretty(&tree)?;
 
@@ -71,6 +73,29 @@ impl Config {
                     out.push_str(&commented(&sample));
                     out.push_str("#\n");
                 }
+            }
+        }
+
+        out.push('\n');
+        match blobs.and_then(|v| v.as_table().cloned()) {
+            Some(mut t) => {
+                mask_table(&mut t);
+                let mut wrapped = toml::Table::new();
+                wrapped.insert("blobs".into(), toml::Value::Table(t));
+                out.push_str(&toml::to_string_pretty(&wrapped)?);
+            }
+            None => {
+                out.push_str(
+                    "# [blobs] is not set: blobs between stages are files under blob_dir. For workers on hosts\n\
+                     # that share no disk, a bucket (with its defaults):\n# [blobs]\n",
+                );
+                let sample = toml::from_str::<BlobsConfig>("backend = \"s3\"\nbucket = \"\"")
+                    .ok()
+                    .and_then(|c| toml::to_string_pretty(&c).ok())
+                    .unwrap_or_default();
+                out.push_str(&commented(&format!(
+                    "{sample}# endpoint = \"http://127.0.0.1:9000\"  (absent: AWS S3)\n"
+                )));
             }
         }
         Ok(out)

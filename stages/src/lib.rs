@@ -17,6 +17,7 @@ pub mod rate_check;
 pub mod rembg;
 pub mod resize;
 pub mod s3;
+pub mod s3_blobs;
 pub mod u2net;
 pub mod upload;
 pub mod webhook;

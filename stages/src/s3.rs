@@ -111,35 +111,45 @@ pub struct Client {
     secrets: Vec<SecretString>,
 }
 
+/// An object-store client for the bucket in `settings`, and the secrets to
+/// scrub from its errors.
+pub(crate) fn build_store(
+    settings: &Settings,
+    credentials: Credentials,
+) -> Result<(AmazonS3, Vec<SecretString>), String> {
+    let options = ClientOptions::new()
+        .with_allow_http(settings.allow_http)
+        .with_timeout(settings.timeout)
+        .with_connect_timeout(settings.timeout.min(Duration::from_secs(10)));
+    let retry = RetryConfig {
+        max_retries: settings.retries,
+        retry_timeout: settings.timeout,
+        ..RetryConfig::default()
+    };
+    // `new()`, not `from_env()`: only what the configuration says, not
+    // whatever AWS_* variables the process happens to have.
+    let mut b = AmazonS3Builder::new()
+        .with_bucket_name(&settings.bucket)
+        .with_region(&settings.region)
+        .with_access_key_id(&credentials.access_key_id)
+        .with_secret_access_key(credentials.secret_access_key.expose_secret())
+        .with_client_options(options)
+        .with_retry(retry);
+    if let Some(token) = &credentials.session_token {
+        b = b.with_token(token.expose_secret());
+    }
+    if let Some(endpoint) = &settings.endpoint {
+        b = b.with_endpoint(endpoint.trim_end_matches('/'));
+    }
+    let store = b.build().map_err(|e| format!("s3: {e}"))?;
+    let mut secrets = vec![credentials.secret_access_key];
+    secrets.extend(credentials.session_token);
+    Ok((store, secrets))
+}
+
 impl Client {
     pub fn new(settings: &Settings, credentials: Credentials) -> Result<Client, String> {
-        let options = ClientOptions::new()
-            .with_allow_http(settings.allow_http)
-            .with_timeout(settings.timeout)
-            .with_connect_timeout(settings.timeout.min(Duration::from_secs(10)));
-        let retry = RetryConfig {
-            max_retries: settings.retries,
-            retry_timeout: settings.timeout,
-            ..RetryConfig::default()
-        };
-        // `new()`, not `from_env()`: only what the configuration says, not
-        // whatever AWS_* variables the process happens to have.
-        let mut b = AmazonS3Builder::new()
-            .with_bucket_name(&settings.bucket)
-            .with_region(&settings.region)
-            .with_access_key_id(&credentials.access_key_id)
-            .with_secret_access_key(credentials.secret_access_key.expose_secret())
-            .with_client_options(options)
-            .with_retry(retry);
-        if let Some(token) = &credentials.session_token {
-            b = b.with_token(token.expose_secret());
-        }
-        if let Some(endpoint) = &settings.endpoint {
-            b = b.with_endpoint(endpoint.trim_end_matches('/'));
-        }
-        let store = b.build().map_err(|e| format!("s3: {e}"))?;
-        let mut secrets = vec![credentials.secret_access_key];
-        secrets.extend(credentials.session_token);
+        let (store, secrets) = build_store(settings, credentials)?;
         Ok(Client {
             store,
             bucket: settings.bucket.clone(),
