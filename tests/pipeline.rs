@@ -15,7 +15,9 @@ use common::*;
 use image_queue_pipeline::estimate::QuotaConfig;
 use image_queue_pipeline::redis_server::Fsync;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{ImageEvent, JobStore, Operation, Outcome, RetryPolicy, Stage, StageError, StageName};
+use image_queue_pipeline::{
+    ImageEvent, JobStore, Operation, Outcome, RetryPolicy, RunnerConfig, Stage, StageError, StageName,
+};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
@@ -475,6 +477,58 @@ async fn images_over_a_vendors_quota_are_deferred_then_resume_by_themselves() {
         "the quota window was not waited for: {elapsed:?}"
     );
     println!("quota of 3 per 1.5 s: 5 images done in {elapsed:.2?}");
+    shutdown.cancel();
+    while stages.join_next().await.is_some() {}
+}
+
+/// After a failover the new primary may redo a step the old one had
+/// finished: with `blob_linger_ms`, a completed job's blobs are deleted
+/// only that long after its end, by rate-check, not at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_jobs_blobs_linger_before_they_are_deleted() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let cfg = RunnerConfig {
+        blob_linger_ms: 1_500,
+        ..fast_runner(2)
+    };
+    let mut finished = env.finished_listener().await;
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(cfg, shutdown.clone()).await;
+    let ids = env.submit("vendor-a", 1, 2, &[Operation::Resize], 64).await;
+    finished.wait(&ids, Duration::from_secs(60)).await;
+    let job = &ids[0];
+    let blob_dir = env.dir.path().join("blobs").join(job);
+    let mut conn = env.pipeline.conn.clone();
+    let deletions = env.pipeline.keys.blob_deletions();
+    // Its deletion is scheduled (right after its end is recorded) while
+    // its blobs are still there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let due: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&deletions)
+            .arg(job)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if due.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job's blob deletion was never scheduled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(blob_dir.is_dir(), "the blobs went at once, with a linger set");
+    // Then they go, and so does the schedule.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while blob_dir.exists() {
+        assert!(Instant::now() < deadline, "the blobs outlived their linger by far");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left: u64 = redis::cmd("ZCARD")
+        .arg(&deletions)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
 }

@@ -120,6 +120,12 @@ impl Keys {
         format!("{}:rl:{}:{}", self.base, limit, subject)
     }
 
+    /// Sorted set of completed jobs whose blobs are to be deleted, scored
+    /// by when (`blob_linger_ms` after the job's end).
+    pub fn blob_deletions(&self) -> String {
+        format!("{}:blob-deletions", self.base)
+    }
+
     /// Hash of live workers' heartbeats, keyed by consumer name.
     pub fn workers(&self) -> String {
         format!("{}:workers", self.base)

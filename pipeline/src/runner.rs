@@ -68,6 +68,12 @@ pub struct RunnerConfig {
     pub max_deliveries: u64,
     /// Blobs of jobs older than this are swept even if the job never ended.
     pub blob_ttl_ms: u64,
+    /// A completed job's blobs are deleted this long after its end instead
+    /// of at once. After a Redis failover the new primary may redo a step
+    /// the old one had finished (its end not yet replicated), and that step
+    /// must still find its blobs: with replicas, set this above the time a
+    /// failover takes (e.g. 60000).
+    pub blob_linger_ms: u64,
     /// Per-vendor processing quotas, by operation: images per
     /// `quota_window_ms`. An image over quota is deferred (status
     /// `throttled`, with the time it resumes), never failed.
@@ -107,6 +113,7 @@ impl Default for RunnerConfig {
             dead_letter_max: 100_000,
             max_deliveries: 10,
             blob_ttl_ms: 2 * 86_400_000,
+            blob_linger_ms: 0,
             admission_window: 1_000,
             admission_adaptive: true,
             admission_target_ms: 500,
@@ -683,9 +690,7 @@ impl StageRunner {
                     // failed image's stay for replaying its dead letter,
                     // until the sweep (`blob_ttl_ms`) takes them.
                     if let Some(job) = job {
-                        if let Err(e) = self.p.blobs.delete_job(&job).await {
-                            warn!(job, error = %e, "removing a finished job's blobs failed");
-                        }
+                        self.drop_blobs_of_completed(&job).await;
                     }
                 } else if parks && code == FINISH_MOVED {
                     self.parked.notify_one();
@@ -1036,6 +1041,9 @@ impl StageRunner {
                     Err(e) => debug!(error = %e, "reconciling the admission counter failed"),
                 }
             }
+            if self.name == StageName::RateCheck && self.cfg.blob_linger_ms > 0 {
+                self.delete_lingering_blobs().await;
+            }
             if now >= next_sweep && self.name == StageName::RateCheck {
                 next_sweep = now + Duration::from_secs(600);
                 match self.p.blobs.sweep(Duration::from_millis(self.cfg.blob_ttl_ms)).await {
@@ -1046,6 +1054,47 @@ impl StageRunner {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Deletes a completed job's blobs, at once or, with `blob_linger_ms`,
+    /// by scheduling their deletion (see [`StageRunner::delete_lingering_blobs`]).
+    async fn drop_blobs_of_completed(&self, job: &str) {
+        if self.cfg.blob_linger_ms == 0 {
+            if let Err(e) = self.p.blobs.delete_job(job).await {
+                warn!(job, error = %e, "removing a finished job's blobs failed");
+            }
+            return;
+        }
+        let mut conn = self.p.conn.clone();
+        let due = now_ms() + self.cfg.blob_linger_ms;
+        let r: redis::RedisResult<()> = conn.zadd(self.p.keys.blob_deletions(), job, due).await;
+        if let Err(e) = r {
+            // The sweep (`blob_ttl_ms`) takes them in the end.
+            warn!(job, error = %e, "scheduling a finished job's blob deletion failed");
+        }
+    }
+
+    /// Deletes the blobs of jobs whose linger is over (rate-check's chore).
+    async fn delete_lingering_blobs(&self) {
+        let mut conn = self.p.conn.clone();
+        let key = self.p.keys.blob_deletions();
+        let due: redis::RedisResult<Vec<String>> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&key)
+            .arg("-inf")
+            .arg(now_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
+            .await;
+        for job in due.unwrap_or_default() {
+            match self.p.blobs.delete_job(&job).await {
+                Ok(()) => {
+                    let _: redis::RedisResult<()> = conn.zrem(&key, &job).await;
+                }
+                Err(e) => warn!(job, error = %e, "removing a finished job's blobs failed; will try again"),
             }
         }
     }
