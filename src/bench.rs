@@ -88,6 +88,39 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Submits one job of `vendor` asking for `operations` on the images
+/// numbered `images`, each from `source(i)`; returns its id.
+pub(crate) async fn submit_job(
+    jobs: &JobStore,
+    vendor: &str,
+    operations: Vec<Operation>,
+    images: std::ops::Range<usize>,
+    source: impl Fn(usize) -> Source,
+) -> anyhow::Result<String> {
+    let id = NewJob::new_id();
+    jobs.submit(NewJob {
+        id: id.clone(),
+        vendor: vendor.into(),
+        operations,
+        images: images
+            .map(|i| NewImage {
+                source: source(i),
+                record_id: format!("r{i}"),
+            })
+            .collect(),
+        idempotency_key: None,
+        fingerprint: None,
+        traceparent: None,
+    })
+    .await?;
+    Ok(id)
+}
+
+/// A source no stage reads (for benchmarks whose stages do not).
+pub(crate) fn nowhere(i: usize) -> Source {
+    Source::Url(format!("https://bench.invalid/{i}.jpg"))
+}
+
 /// A pipeline on the user's Redis under a prefix of its own (removed by
 /// `cleanup`), with blobs in a temporary directory kept while the guard lives.
 pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String, tempfile::TempDir)> {
@@ -495,26 +528,17 @@ async fn fairness_run(
         let jobs = jobs.clone();
         let source_keys = source_keys.clone();
         async move {
-            let id = NewJob::new_id();
-            jobs.submit(NewJob {
-                id: id.clone(),
-                vendor: vendor.into(),
-                operations: vec![Operation::Resize],
-                images: (0..images)
-                    .map(|i| NewImage {
-                        source: match &source_keys {
-                            Some(keys) => Source::Blob(keys[i % keys.len()].clone()),
-                            None => Source::Url(format!("https://bench.invalid/{i}.jpg")),
-                        },
-                        record_id: format!("r{i}"),
-                    })
-                    .collect(),
-                idempotency_key: None,
-                fingerprint: None,
-                traceparent: None,
-            })
-            .await?;
-            Ok::<_, anyhow::Error>(id)
+            submit_job(
+                &jobs,
+                vendor,
+                vec![Operation::Resize],
+                0..images,
+                |i| match &source_keys {
+                    Some(keys) => Source::Blob(keys[i % keys.len()].clone()),
+                    None => nowhere(i),
+                },
+            )
+            .await
         }
     };
     // Waits for the job's finished announcement.

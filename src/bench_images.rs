@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use image::DynamicImage;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{JobStore, LocalBlobStore, NewImage, NewJob, Operation, Pipeline, Source, StageName};
+use image_queue_pipeline::{JobStore, LocalBlobStore, Operation, Pipeline, Source, StageName};
 use image_queue_stages::bg_removal::BgRemovalConfig;
 use image_queue_stages::u2net::U2net;
 use serde::Serialize;
@@ -132,20 +132,10 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
     let mut ids = Vec::new();
     // Jobs of ten, as a shop sends a product's photos.
     for first in (0..args.images).step_by(10) {
-        let id = NewJob::new_id();
-        jobs.submit(NewJob {
-            id: id.clone(),
-            vendor: "bench".into(),
-            operations: vec![Operation::BgRemoval, Operation::FaceCrop, Operation::Resize],
-            images: (first..(first + 10).min(args.images))
-                .map(|i| NewImage {
-                    source: Source::Blob(sources[i % sources.len()].clone()),
-                    record_id: format!("r{i}"),
-                })
-                .collect(),
-            idempotency_key: None,
-            fingerprint: None,
-            traceparent: None,
+        let ops = vec![Operation::BgRemoval, Operation::FaceCrop, Operation::Resize];
+        let images = first..(first + 10).min(args.images);
+        let id = crate::bench::submit_job(&jobs, "bench", ops, images, |i| {
+            Source::Blob(sources[i % sources.len()].clone())
         })
         .await?;
         ids.push(id);

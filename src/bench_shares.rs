@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{JobStore, NewImage, NewJob, Operation, RunnerConfig, Source, Stage, StageName};
+use image_queue_pipeline::{JobStore, Operation, RunnerConfig, Stage, StageName};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::Noop;
+use crate::bench::{submit_job, Noop};
 
 pub struct SharesArgs {
     pub redis_url: String,
@@ -84,22 +84,8 @@ pub async fn shares(args: SharesArgs) -> anyhow::Result<()> {
     let mut ids: Vec<Vec<String>> = vec![Vec::new(); VENDORS.len()];
     for first in (0..args.backlog).step_by(100) {
         for (v, (vendor, _)) in VENDORS.iter().enumerate() {
-            let id = NewJob::new_id();
-            jobs.submit(NewJob {
-                id: id.clone(),
-                vendor: (*vendor).into(),
-                operations: vec![Operation::Resize],
-                images: (first..(first + 100).min(args.backlog))
-                    .map(|i| NewImage {
-                        source: Source::Url(format!("https://bench.invalid/{i}.jpg")),
-                        record_id: format!("r{i}"),
-                    })
-                    .collect(),
-                idempotency_key: None,
-                fingerprint: None,
-                traceparent: None,
-            })
-            .await?;
+            let images = first..(first + 100).min(args.backlog);
+            let id = submit_job(&jobs, vendor, vec![Operation::Resize], images, crate::bench::nowhere).await?;
             ids[v].push(id);
         }
     }

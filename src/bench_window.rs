@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::{
-    JobStore, LocalBlobStore, NewImage, NewJob, Operation, Pipeline, RunnerConfig, Source, StageName,
-};
+use image_queue_pipeline::{JobStore, LocalBlobStore, Operation, Pipeline, RunnerConfig, StageName};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -113,21 +111,7 @@ pub async fn window(args: WindowArgs) -> anyhow::Result<()> {
     let mut left = images;
     while left > 0 {
         let n = left.min(100);
-        jobs.submit(NewJob {
-            id: NewJob::new_id(),
-            vendor: "vendor-a".into(),
-            operations: vec![Operation::Resize],
-            images: (0..n)
-                .map(|i| NewImage {
-                    source: Source::Url(format!("https://bench.invalid/{i}.jpg")),
-                    record_id: format!("r{i}"),
-                })
-                .collect(),
-            idempotency_key: None,
-            fingerprint: None,
-            traceparent: None,
-        })
-        .await?;
+        crate::bench::submit_job(&jobs, "vendor-a", vec![Operation::Resize], 0..n, crate::bench::nowhere).await?;
         left -= n;
     }
 

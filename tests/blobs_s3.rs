@@ -76,16 +76,7 @@ async fn api_and_workers_on_separate_hosts_share_blobs_through_a_bucket() {
         .collect();
 
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the API never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::http::wait_ready(&http, &addr).await;
     let form = reqwest::multipart::Form::new()
         .text("operations", "bg-removal,face-crop,resize")
         .part(
@@ -108,15 +99,7 @@ async fn api_and_workers_on_separate_hosts_share_blobs_through_a_bucket() {
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let job = loop {
-        let job: Value = http
-            .get(format!("http://{addr}/api/image-queue/job/{job_id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = common::http::get_json(&http, &format!("http://{addr}/api/image-queue/job/{job_id}"), &key).await;
         if ["completed", "failed", "partially_failed", "cancelled"].contains(&job["status"].as_str().unwrap_or("")) {
             break job;
         }

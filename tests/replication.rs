@@ -4,8 +4,10 @@
 //! answered 503 with Retry-After; once it is back, the client's retry with
 //! the same Idempotency-Key gets that one job, now on the replica.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use image_queue_api::Auth;
 use image_queue_pipeline::redis_server::{free_port, Fsync, RedisServer};
@@ -81,16 +83,7 @@ async fn a_submit_is_accepted_only_once_a_replica_has_it() {
         .spawn()
         .expect("run the image-queue binary");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !http
-        .get(format!("http://{addr}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(Instant::now() < deadline, "the API never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::http::wait_ready(&http, &addr).await;
     let submit = |idempotency_key: &'static str| {
         let (http, addr, key) = (http.clone(), addr.clone(), key.clone());
         async move {
@@ -137,15 +130,7 @@ async fn a_submit_is_accepted_only_once_a_replica_has_it() {
     let (status, _, again) = submit("second").await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["job_id"], job_id.as_str());
-    let listed: Value = http
-        .get(format!("http://{addr}/api/image-queue/jobs"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = common::http::get_json(&http, &format!("http://{addr}/api/image-queue/jobs"), &key).await;
     let jobs = listed["jobs"].as_array().unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(jobs.len(), 2, "one job per idempotency key: {listed}");
 

@@ -17,17 +17,7 @@ use std::path::Path;
 use image::{DynamicImage, GrayImage, ImageFormat};
 use image_queue_stages::onnxruntime::{ExecutionProvider, SessionSettings};
 use image_queue_stages::u2net::{ModelKind, Runtime, U2net};
-use support::{encode, onnxruntime_library, product_photo, rembg_python, repo_root};
-
-fn mad(a: &GrayImage, b: &GrayImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let sum: u64 = a
-        .pixels()
-        .zip(b.pixels())
-        .map(|(p, q)| p[0].abs_diff(q[0]) as u64)
-        .sum();
-    sum as f64 / (a.width() as u64 * a.height() as u64) as f64
-}
+use support::{encode, mad, onnxruntime_library, product_photo, rembg_python, repo_root};
 
 fn load_mask(path: &Path) -> GrayImage {
     image::open(path)

@@ -11,7 +11,7 @@ mod support;
 
 use std::time::Instant;
 
-use image::{DynamicImage, GrayImage, ImageFormat};
+use image::{DynamicImage, ImageFormat};
 use image_queue_pipeline::{Outcome, Stage};
 use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::onnxruntime::{ExecutionProvider, SessionSettings};
@@ -19,19 +19,9 @@ use image_queue_stages::rembg::RembgConfig;
 use image_queue_stages::u2net::{Runtime, U2net};
 use image_queue_stages::BgRemovalConfig;
 use support::{
-    context, encode, event_for, models_dir, onnxruntime_library, product_photo, working, RembgServer,
+    context, encode, event_for, mad, models_dir, onnxruntime_library, product_photo, working, RembgServer,
     REMBG_START_TIMEOUT,
 };
-
-fn mad(a: &GrayImage, b: &GrayImage) -> f64 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let sum: u64 = a
-        .pixels()
-        .zip(b.pixels())
-        .map(|(p, q)| p[0].abs_diff(q[0]) as u64)
-        .sum();
-    sum as f64 / (a.width() as u64 * a.height() as u64) as f64
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_mask_matches_rembgs() {

@@ -62,3 +62,29 @@ impl TestEnv {
         }
     }
 }
+
+/// Waits until the API process at `addr` answers `GET /readyz` with 200.
+pub async fn wait_ready(http: &reqwest::Client, addr: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !http
+        .get(format!("http://{addr}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == 200)
+    {
+        assert!(std::time::Instant::now() < deadline, "the API never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A JSON `GET` with a bearer key.
+pub async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> serde_json::Value {
+    http.get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

@@ -272,3 +272,14 @@ pub fn encode(img: &RgbaImage, format: ImageFormat) -> Vec<u8> {
     dynimg.write_to(&mut Cursor::new(&mut out), format).unwrap();
     out
 }
+
+/// The mean absolute difference of two masks, in 1/255 steps.
+pub fn mad(a: &image::GrayImage, b: &image::GrayImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: u64 = a
+        .pixels()
+        .zip(b.pixels())
+        .map(|(p, q)| p[0].abs_diff(q[0]) as u64)
+        .sum();
+    sum as f64 / (a.width() as u64 * a.height() as u64) as f64
+}
