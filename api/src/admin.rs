@@ -6,7 +6,6 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use redis::AsyncCommands;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -50,25 +49,12 @@ pub async fn dead_letters(
 ) -> Result<Response, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::Unprocessable(format!("invalid query: {}", e.body_text())))?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let end = match &q.before {
-        Some(b) if valid_stream_id(b) => format!("({b}"),
-        Some(_) => {
-            return Err(ApiError::Unprocessable(
-                "before must be a stream id such as 1700000000000-0".into(),
-            ))
-        }
-        None => "+".into(),
-    };
-    let p = state.jobs.pipeline();
-    let mut conn = p.conn.clone();
-    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-        .arg(p.keys.dead_letters())
-        .arg(end)
-        .arg("-")
-        .arg("COUNT")
-        .arg(limit)
-        .query_async(&mut conn)
-        .await?;
+    if q.before.as_deref().is_some_and(|b| !valid_stream_id(b)) {
+        return Err(ApiError::Unprocessable(
+            "before must be a stream id such as 1700000000000-0".into(),
+        ));
+    }
+    let entries = image_queue_pipeline::dlq::raw_page(state.jobs.pipeline(), q.before.as_deref(), limit).await?;
     let next = (entries.len() == limit)
         .then(|| entries.last().map(|(id, _)| id.clone()))
         .flatten();
@@ -125,9 +111,7 @@ pub async fn add_vendor(
     }
     let key = state.auth.add_vendor(&v.vendor_id).await?;
     if v.weight.is_some() {
-        let p = state.jobs.pipeline();
-        let mut conn = p.conn.clone();
-        let _: () = conn.hset(p.keys.vendor_weights(), &v.vendor_id, weight).await?;
+        state.jobs.set_weight(&v.vendor_id, weight).await?;
     }
     Ok((
         StatusCode::CREATED,

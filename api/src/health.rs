@@ -143,19 +143,7 @@ pub async fn worker_health(
 /// of memory, loading, read-only or refusing our credentials answers PING
 /// all the same, and would fail every submit.
 pub async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let p = state.jobs.pipeline();
-    let mut conn = p.conn.clone();
-    let probe = async {
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
-        redis::cmd("SET")
-            .arg(p.keys.ready_probe())
-            .arg(1)
-            .arg("PX")
-            .arg(10_000)
-            .query_async::<()>(&mut conn)
-            .await
-    };
-    if let Err(e) = probe.await {
+    if let Err(e) = state.jobs.pipeline().probe_writable().await {
         // Whatever the refusal, this process cannot serve: not ready.
         tracing::warn!(error = %e, "not ready: redis refused the probe");
         return Err(ApiError::Unavailable);

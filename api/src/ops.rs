@@ -84,11 +84,7 @@ pub async fn list(
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let p = state.jobs.pipeline();
     let items = dlq::list(p, &filter, limit).await?;
-    let mut conn = p.conn.clone();
-    let total: u64 = redis::cmd("XLEN")
-        .arg(p.keys.dead_letters())
-        .query_async(&mut conn)
-        .await?;
+    let total = dlq::count(p).await?;
     Ok(Json(json!({"dead_letters": items, "total": total})).into_response())
 }
 

@@ -22,6 +22,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Whether Redis answers and takes a write (a short-lived probe key):
+    /// a Redis out of memory, loading, read-only or refusing the
+    /// credentials answers PING all the same, and would fail every write.
+    pub async fn probe_writable(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        redis::cmd("SET")
+            .arg(self.keys.ready_probe())
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .query_async::<()>(&mut conn)
+            .await
+    }
+
     pub async fn connect(redis_url: &str, prefix: &str, blobs: Arc<dyn BlobStore>) -> redis::RedisResult<Pipeline> {
         let client = redis::Client::open(redis_url)?;
         let conn = ConnectionManager::new_with_config(

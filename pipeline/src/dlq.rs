@@ -152,6 +152,35 @@ async fn scan(p: &Pipeline, filter: &Filter, mut visit: impl FnMut(DeadLetter) -
     Ok(())
 }
 
+/// How many dead letters are held.
+pub async fn count(p: &Pipeline) -> redis::RedisResult<u64> {
+    let mut conn = p.conn.clone();
+    redis::cmd("XLEN")
+        .arg(p.keys.dead_letters())
+        .query_async(&mut conn)
+        .await
+}
+
+/// A page of the dead-letter stream as it is stored, newest first: up to
+/// `limit` entries before the entry id `before` (exclusive; `None`: from
+/// the newest), each as its id and fields.
+pub async fn raw_page(
+    p: &Pipeline,
+    before: Option<&str>,
+    limit: usize,
+) -> redis::RedisResult<Vec<(String, Vec<(String, String)>)>> {
+    let end = before.map_or_else(|| "+".to_string(), |b| format!("({b}"));
+    let mut conn = p.conn.clone();
+    redis::cmd("XREVRANGE")
+        .arg(p.keys.dead_letters())
+        .arg(end)
+        .arg("-")
+        .arg("COUNT")
+        .arg(limit)
+        .query_async(&mut conn)
+        .await
+}
+
 /// Matching dead letters, newest first, at most `limit`.
 pub async fn list(p: &Pipeline, filter: &Filter, limit: usize) -> redis::RedisResult<Vec<DeadLetter>> {
     let mut out = Vec::new();
