@@ -7,8 +7,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
-use image_queue_pipeline::Pipeline;
-use redis::AsyncCommands;
+use image_queue_pipeline::{vendor_keys, Pipeline};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -46,10 +45,6 @@ impl Auth {
         }
     }
 
-    fn keys_key(&self) -> String {
-        self.p.keys.vendor_keys()
-    }
-
     /// Creates a key for a vendor; returns the key, which is not kept.
     pub async fn add_vendor(&self, vendor: &str) -> Result<String, ApiError> {
         if !valid_vendor_id(vendor) {
@@ -58,36 +53,22 @@ impl Auth {
             ));
         }
         let key = hex::encode(rand::random::<[u8; 32]>());
-        let mut conn = self.p.conn.clone();
-        let _: () = conn.hset(self.keys_key(), hex::encode(sha256(&key)), vendor).await?;
+        vendor_keys::add(&self.p, &hex::encode(sha256(&key)), vendor).await?;
         Ok(key)
     }
 
     /// Revokes every key of a vendor; returns how many.
     pub async fn revoke_vendor(&self, vendor: &str) -> Result<usize, ApiError> {
-        let mut conn = self.p.conn.clone();
-        let all: Vec<(String, String)> = conn.hgetall(self.keys_key()).await?;
-        let mine: Vec<String> = all.into_iter().filter(|(_, v)| v == vendor).map(|(h, _)| h).collect();
-        if !mine.is_empty() {
-            let _: () = conn.hdel(self.keys_key(), &mine).await?;
-        }
-        Ok(mine.len())
+        Ok(vendor_keys::revoke(&self.p, vendor).await?)
     }
 
     /// Vendors with at least one key, with their key counts.
     pub async fn list_vendors(&self) -> Result<Vec<(String, usize)>, ApiError> {
-        let mut conn = self.p.conn.clone();
-        let all: Vec<(String, String)> = conn.hgetall(self.keys_key()).await?;
-        let mut counts = std::collections::BTreeMap::new();
-        for (_, v) in all {
-            *counts.entry(v).or_insert(0) += 1;
-        }
-        Ok(counts.into_iter().collect())
+        Ok(vendor_keys::list(&self.p).await?)
     }
 
     async fn vendor_of(&self, key: &str) -> Result<Option<String>, ApiError> {
-        let mut conn = self.p.conn.clone();
-        Ok(conn.hget(self.keys_key(), hex::encode(sha256(key))).await?)
+        Ok(vendor_keys::vendor_of(&self.p, &hex::encode(sha256(key))).await?)
     }
 
     fn is_admin(&self, key: &str) -> bool {

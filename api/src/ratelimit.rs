@@ -18,6 +18,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use image_queue_pipeline::rate_limits;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -164,37 +165,19 @@ pub async fn check(state: &AppState, checks: &[Check]) -> Result<RateState, ApiE
             )));
         }
     }
-    let p = state.jobs.pipeline();
-    let mut inv = p.scripts.rate_limit.prepare_invoke();
-    inv.arg(hex::encode(rand::random::<[u8; 16]>()));
-    for c in checks {
-        inv.key(p.keys.rate_limit(c.name, &c.subject))
-            .arg(c.limit.max)
-            .arg(c.limit.window_secs.saturating_mul(1000))
-            .arg(c.cost);
-    }
-    let mut conn = p.conn.clone();
-    let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
-    if out.len() != 3 + 2 * checks.len() {
-        return Err(ApiError::Internal(format!("rate_limit.lua answered {out:?}")));
-    }
+    let verdict = rate_limits::spend(state.jobs.pipeline(), &spends(checks, true)).await?;
     let rs = RateState {
         policies: checks
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let remaining = out[3 + 2 * i].max(0) as u64;
-                let reset = ceil_secs(out[4 + 2 * i].max(0) as u64);
-                (c.name, c.limit, remaining, reset)
-            })
+            .zip(&verdict.left)
+            .map(|(c, &(remaining, reset_ms))| (c.name, c.limit, remaining, ceil_secs(reset_ms)))
             .collect(),
     };
-    if out[0] == 1 {
+    let Some(refused) = verdict.refused_by.map(|i| &checks[i]) else {
         return Ok(rs);
-    }
-    let refused = &checks[(out[1].max(1) as usize - 1).min(checks.len() - 1)];
+    };
     // At least a second: a client told 0 would come straight back.
-    let retry_after_s = ceil_secs(out[2].max(0) as u64).max(1);
+    let retry_after_s = ceil_secs(verdict.retry_after_ms).max(1);
     // The refusing policy's state says when it frees up, not when its oldest
     // unit leaves: tell the client the wait that matters.
     let mut shown = rs.clone();
@@ -220,24 +203,24 @@ pub async fn peek(state: &AppState, checks: &[Check]) -> Result<Vec<(u64, u64)>,
     if !state.config.rate_limits.enabled || checks.is_empty() {
         return Ok(checks.iter().map(|c| (c.limit.max, 0)).collect());
     }
-    let p = state.jobs.pipeline();
-    let mut inv = p.scripts.rate_limit.prepare_invoke();
-    inv.arg(hex::encode(rand::random::<[u8; 16]>()));
-    for c in checks {
-        // A cost of 0 is never refused nor recorded: the script only counts.
-        inv.key(p.keys.rate_limit(c.name, &c.subject))
-            .arg(c.limit.max)
-            .arg(c.limit.window_secs.saturating_mul(1000))
-            .arg(0);
-    }
-    let mut conn = p.conn.clone();
-    let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
-    if out.len() != 3 + 2 * checks.len() {
-        return Err(ApiError::Internal(format!("rate_limit.lua answered {out:?}")));
-    }
-    Ok((0..checks.len())
-        .map(|i| (out[3 + 2 * i].max(0) as u64, out[4 + 2 * i].max(0) as u64))
-        .collect())
+    // A cost of 0 is never refused nor recorded: the script only counts.
+    Ok(rate_limits::spend(state.jobs.pipeline(), &spends(checks, false))
+        .await?
+        .left)
+}
+
+/// The checks as the pipeline's limits, costing what they cost or nothing.
+fn spends(checks: &[Check], with_cost: bool) -> Vec<rate_limits::Spend<'_>> {
+    checks
+        .iter()
+        .map(|c| rate_limits::Spend {
+            name: c.name,
+            subject: &c.subject,
+            max: c.limit.max,
+            window_ms: c.limit.window_secs.saturating_mul(1000),
+            cost: if with_cost { c.cost } else { 0 },
+        })
+        .collect()
 }
 
 /// The 429 of a request refused by `c`, to retry in `retry_after_s`.

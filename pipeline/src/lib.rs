@@ -19,6 +19,7 @@ pub mod event;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;
+pub mod rate_limits;
 pub mod redis_server;
 pub mod retry;
 pub mod runner;
@@ -26,6 +27,7 @@ pub mod scripts;
 pub mod stage;
 pub mod stats;
 pub mod trace;
+pub mod vendor_keys;
 pub mod webhooks;
 
 pub use blob::{BlobStore, BlobWriter, LocalBlobStore};
