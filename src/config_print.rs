@@ -58,12 +58,7 @@ impl Config {
 
         out.push('\n');
         match upload.and_then(|v| v.as_table().cloned()) {
-            Some(mut t) => {
-                mask_table(&mut t);
-                let mut wrapped = toml::Table::new();
-                wrapped.insert("upload".into(), toml::Value::Table(t));
-                out.push_str(&toml::to_string_pretty(&wrapped)?);
-            }
+            Some(t) => out.push_str(&masked_section("upload", t)?),
             None => {
                 out.push_str(
                     "# [upload] is not set: results are files under media_dir, served by the API under /media/.\n\
@@ -78,12 +73,7 @@ impl Config {
 
         out.push('\n');
         match blobs.and_then(|v| v.as_table().cloned()) {
-            Some(mut t) => {
-                mask_table(&mut t);
-                let mut wrapped = toml::Table::new();
-                wrapped.insert("blobs".into(), toml::Value::Table(t));
-                out.push_str(&toml::to_string_pretty(&wrapped)?);
-            }
+            Some(t) => out.push_str(&masked_section("blobs", t)?),
             None => {
                 out.push_str(
                     "# [blobs] is not set: blobs between stages are files under blob_dir. For workers on hosts\n\
@@ -100,6 +90,14 @@ impl Config {
         }
         Ok(out)
     }
+}
+
+/// A configured section as TOML, under its name, secrets masked.
+fn masked_section(name: &str, mut table: toml::Table) -> anyhow::Result<String> {
+    mask_table(&mut table);
+    let mut wrapped = toml::Table::new();
+    wrapped.insert(name.into(), toml::Value::Table(table));
+    Ok(toml::to_string_pretty(&wrapped)?)
 }
 
 /// Each bg-removal engine's keys with their defaults, as TOML lines;

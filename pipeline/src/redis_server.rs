@@ -65,6 +65,17 @@ impl RedisServer {
 
     /// Starts `redis-server` on a given port.
     pub async fn start_on(dir: &Path, port: u16, fsync: Fsync) -> io::Result<RedisServer> {
+        Self::launch(dir, port, fsync, None).await
+    }
+
+    /// Starts a replica of `primary` on a free port, with its data under
+    /// `dir`. It is ready to serve when this returns; its first sync with
+    /// the primary may still be under way.
+    pub async fn start_replica(dir: &Path, primary: &RedisServer, fsync: Fsync) -> io::Result<RedisServer> {
+        Self::launch(dir, free_port()?, fsync, Some(primary.port)).await
+    }
+
+    async fn launch(dir: &Path, port: u16, fsync: Fsync, replica_of: Option<u16>) -> io::Result<RedisServer> {
         std::fs::create_dir_all(dir)?;
         let mut server = RedisServer {
             child: None,
@@ -72,24 +83,7 @@ impl RedisServer {
             dir: dir.to_path_buf(),
             fsync,
             embedded: None,
-            replica_of: None,
-        };
-        server.spawn().await?;
-        Ok(server)
-    }
-
-    /// Starts a replica of `primary` on a free port, with its data under
-    /// `dir`. It is ready to serve when this returns; its first sync with
-    /// the primary may still be under way.
-    pub async fn start_replica(dir: &Path, primary: &RedisServer, fsync: Fsync) -> io::Result<RedisServer> {
-        std::fs::create_dir_all(dir)?;
-        let mut server = RedisServer {
-            child: None,
-            port: free_port()?,
-            dir: dir.to_path_buf(),
-            fsync,
-            embedded: None,
-            replica_of: Some(primary.port),
+            replica_of,
         };
         server.spawn().await?;
         Ok(server)

@@ -985,6 +985,7 @@ impl StageRunner {
         let mut next_beat = Instant::now();
         let mut next_reap = Instant::now() + Duration::from_secs(60);
         let mut next_sweep = Instant::now() + Duration::from_secs(600);
+        let mut next_linger_check = Instant::now();
         let reconcile_every = Duration::from_millis(self.cfg.reconcile_every_ms.max(1_000));
         let mut next_reconcile = Instant::now() + reconcile_every;
         loop {
@@ -1041,7 +1042,9 @@ impl StageRunner {
                     Err(e) => debug!(error = %e, "reconciling the admission counter failed"),
                 }
             }
-            if self.name == StageName::RateCheck && self.cfg.blob_linger_ms > 0 {
+            // Once a second: a linger is meant in tens of seconds.
+            if self.name == StageName::RateCheck && self.cfg.blob_linger_ms > 0 && now >= next_linger_check {
+                next_linger_check = now + Duration::from_secs(1);
                 self.delete_lingering_blobs().await;
             }
             if now >= next_sweep && self.name == StageName::RateCheck {

@@ -69,6 +69,24 @@ impl Credentials {
     }
 }
 
+/// The configuration defaults every S3 setting of ours shares (the upload
+/// backend and the blob store): AWS's own region and variable names.
+pub(crate) fn default_region() -> String {
+    "us-east-1".into()
+}
+
+pub(crate) fn default_key_env() -> String {
+    "AWS_ACCESS_KEY_ID".into()
+}
+
+pub(crate) fn default_secret_env() -> String {
+    "AWS_SECRET_ACCESS_KEY".into()
+}
+
+pub(crate) fn default_token_env() -> String {
+    "AWS_SESSION_TOKEN".into()
+}
+
 /// Where the bucket is and how to talk to it.
 #[derive(Debug, Clone)]
 pub struct Settings {

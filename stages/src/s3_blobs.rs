@@ -42,18 +42,18 @@ pub enum BlobsConfig {
         /// The service's URL, for S3-compatible services. Absent: AWS S3.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint: Option<String>,
-        #[serde(default = "default_region")]
+        #[serde(default = "s3::default_region")]
         region: String,
         /// Objects go under this prefix in the bucket.
         #[serde(default = "default_prefix")]
         prefix: String,
         /// Environment variables holding the access key pair (and a
         /// session token, for temporary credentials).
-        #[serde(default = "default_key_env")]
+        #[serde(default = "s3::default_key_env")]
         access_key_id_env: String,
-        #[serde(default = "default_secret_env")]
+        #[serde(default = "s3::default_secret_env")]
         secret_access_key_env: String,
-        #[serde(default = "default_token_env")]
+        #[serde(default = "s3::default_token_env")]
         session_token_env: String,
         /// Allow a plain `http://` endpoint (a local MinIO).
         #[serde(default)]
@@ -63,20 +63,8 @@ pub enum BlobsConfig {
     },
 }
 
-fn default_region() -> String {
-    "us-east-1".into()
-}
 fn default_prefix() -> String {
     "blobs".into()
-}
-fn default_key_env() -> String {
-    "AWS_ACCESS_KEY_ID".into()
-}
-fn default_secret_env() -> String {
-    "AWS_SECRET_ACCESS_KEY".into()
-}
-fn default_token_env() -> String {
-    "AWS_SESSION_TOKEN".into()
 }
 fn default_timeout_ms() -> u64 {
     30_000

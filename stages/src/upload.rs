@@ -56,7 +56,7 @@ pub enum UploadConfig {
         /// `http://127.0.0.1:9000` for a MinIO). Absent: AWS S3.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint: Option<String>,
-        #[serde(default = "default_s3_region")]
+        #[serde(default = "s3::default_region")]
         region: String,
         /// Key prefix above the per-vendor folders. Empty: vendors'
         /// folders at the top of the bucket.
@@ -70,11 +70,11 @@ pub enum UploadConfig {
         /// The environment variables holding the access key pair (and the
         /// session token of temporary credentials, if set); the secret is
         /// never written in the configuration itself.
-        #[serde(default = "default_s3_key_env")]
+        #[serde(default = "s3::default_key_env")]
         access_key_id_env: String,
-        #[serde(default = "default_s3_secret_env")]
+        #[serde(default = "s3::default_secret_env")]
         secret_access_key_env: String,
-        #[serde(default = "default_s3_token_env")]
+        #[serde(default = "s3::default_token_env")]
         session_token_env: String,
         /// Allow a plain `http://` endpoint (a local MinIO).
         #[serde(default)]
@@ -86,22 +86,6 @@ pub enum UploadConfig {
         #[serde(default = "default_s3_retries")]
         retries: usize,
     },
-}
-
-fn default_s3_region() -> String {
-    "us-east-1".into()
-}
-
-fn default_s3_key_env() -> String {
-    "AWS_ACCESS_KEY_ID".into()
-}
-
-fn default_s3_secret_env() -> String {
-    "AWS_SECRET_ACCESS_KEY".into()
-}
-
-fn default_s3_token_env() -> String {
-    "AWS_SESSION_TOKEN".into()
 }
 
 fn default_s3_retries() -> usize {
