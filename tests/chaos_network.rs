@@ -152,7 +152,11 @@ async fn delays_stalls_and_resets_between_workers_and_redis_lose_and_duplicate_n
                     _ = stop.cancelled() => break,
                     _ = tokio::time::sleep(pause) => {}
                 }
-                let lasts = match rng.random_range(0..3) {
+                // The kinds take turns (their lengths stay random), so that
+                // the 15 s over which the load is submitted always see at
+                // least six faults: at the longest, a turn of all three
+                // takes 7.5 s.
+                let lasts = match (injected.delays + injected.stalls + injected.resets) % 3 {
                     0 => {
                         injected.delays += 1;
                         proxy.set(Fault::Delay(Duration::from_millis(rng.random_range(20..200))));
