@@ -166,7 +166,9 @@ pub async fn collect(p: &Pipeline) -> redis::RedisResult<PipelineStats> {
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
-        let lag = lag.unwrap_or(waiting.len() as u64);
+        // A lag longer than the stream is a promoted replica's stale read
+        // counter: count instead.
+        let lag = lag.filter(|&l| l <= length).unwrap_or(waiting.len() as u64);
         sampled |= waiting.len() >= SAMPLE_MAX;
         let mut vendors: BTreeMap<String, u64> = BTreeMap::new();
         for (_, f) in &waiting {
