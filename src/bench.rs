@@ -154,8 +154,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
     }
     // Completions, as announced on the finished channel.
     let submitted: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
-    let mut pubsub = p.client.get_async_pubsub().await?;
-    pubsub.subscribe(p.keys.finished_channel()).await?;
+    let mut pubsub = p.subscribe(&[p.keys.finished_channel()]).await?;
     let total = args.jobs;
     let subs = submitted.clone();
     let collector = tokio::spawn(async move {
@@ -520,8 +519,7 @@ async fn fairness_run(
         let s = shutdown.clone();
         runners.spawn(async move { runner.run(s).await });
     }
-    let mut pubsub = p.client.get_async_pubsub().await?;
-    pubsub.subscribe(p.keys.finished_channel()).await?;
+    let pubsub = p.subscribe(&[p.keys.finished_channel()]).await?;
     let mut finished = pubsub.into_on_message();
     let source_keys: Option<Vec<String>> = sources.map(|s| s.keys.clone());
     let submit = |vendor: &'static str, images: usize| {

@@ -56,13 +56,10 @@ pub async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
 
 /// A URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => "(unparseable URL)".into(),
+    match image_queue_pipeline::endpoint::mask_passwords(url, "***") {
+        Some(masked) => masked,
+        None if url.contains("://") => url.to_string(),
+        None => "(unparseable URL)".into(),
     }
 }
 

@@ -203,13 +203,7 @@ fn mask_value(key: &str, v: &mut toml::Value) {
 
 /// The URL with its password masked, when it has one.
 fn mask_url_password(s: &str) -> Option<String> {
-    if !s.contains("://") {
-        return None;
-    }
-    let mut u = url::Url::parse(s).ok()?;
-    u.password()?;
-    u.set_password(Some(MASK)).ok()?;
-    Some(u.to_string())
+    image_queue_pipeline::endpoint::mask_passwords(s, MASK)
 }
 
 #[cfg(test)]

@@ -427,8 +427,11 @@ async fn images_over_a_vendors_quota_are_deferred_then_resume_by_themselves() {
     };
     let shutdown = CancellationToken::new();
     let mut stages = run_noop_pipeline(&env, cfg, Duration::ZERO, &shutdown).await;
-    let mut progress = env.pipeline.client.get_async_pubsub().await.unwrap();
-    progress.subscribe(env.pipeline.keys.progress_channel()).await.unwrap();
+    let mut progress = env
+        .pipeline
+        .subscribe(&[env.pipeline.keys.progress_channel()])
+        .await
+        .unwrap();
     let mut finished = env.finished_listener().await;
     let started = Instant::now();
     let ids = env.submit("vendor-a", 1, 5, &[Operation::Resize], 8).await;

@@ -82,10 +82,8 @@ impl ProgressHub {
     }
 
     async fn connect(&self) -> Result<redis::aio::PubSub, ApiError> {
-        let mut pubsub = self.p.client.get_async_pubsub().await?;
-        pubsub.subscribe(self.p.keys.progress_channel()).await?;
-        pubsub.subscribe(self.p.keys.finished_channel()).await?;
-        Ok(pubsub)
+        let channels = [self.p.keys.progress_channel(), self.p.keys.finished_channel()];
+        Ok(self.p.subscribe(&channels).await?)
     }
 
     /// The transitions one message announces: a job's end on the finished

@@ -1,21 +1,24 @@
 //! The handle every part of the pipeline shares: Redis connections, keys,
-//! scripts and the blob store.
+//! scripts and the blob store. Which Redis topology is behind the
+//! connections is `endpoint.rs`'s and `connection.rs`'s business.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-
 use crate::blob::BlobStore;
+use crate::connection::Conn;
+use crate::endpoint::Endpoint;
 use crate::keys::Keys;
 use crate::scripts::Scripts;
 
 #[derive(Clone)]
 pub struct Pipeline {
-    pub client: redis::Client,
-    /// Shared, multiplexed and reconnecting: for every command that does not
-    /// block. Concurrent callers' commands are pipelined on it.
-    pub conn: ConnectionManager,
+    /// Where Redis is: one node, a Sentinel-watched primary or a cluster.
+    pub endpoint: Arc<Endpoint>,
+    /// Shared, multiplexed and reconnecting (following a failover): for
+    /// every command that does not block. Concurrent callers' commands are
+    /// pipelined on it.
+    pub conn: Conn,
     pub keys: Keys,
     pub scripts: Arc<Scripts>,
     pub blobs: Arc<dyn BlobStore>,
@@ -38,17 +41,16 @@ impl Pipeline {
     }
 
     pub async fn connect(redis_url: &str, prefix: &str, blobs: Arc<dyn BlobStore>) -> redis::RedisResult<Pipeline> {
-        let client = redis::Client::open(redis_url)?;
-        let conn = ConnectionManager::new_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(10)))
-                .set_max_delay(Duration::from_secs(2)),
-        )
-        .await?;
+        let endpoint = Endpoint::parse(redis_url).map_err(|e| {
+            redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid Redis URL",
+                e.to_string(),
+            ))
+        })?;
+        let conn = endpoint.connect(Some(Duration::from_secs(10))).await?;
         Ok(Pipeline {
-            client,
+            endpoint: Arc::new(endpoint),
             conn,
             keys: Keys::new(prefix),
             scripts: Arc::new(Scripts::new()),
@@ -59,14 +61,22 @@ impl Pipeline {
     /// A connection of its own for blocking reads (`XREADGROUP ... BLOCK`,
     /// `SUBSCRIBE`): a blocking command holds its connection, and the
     /// default response timeout would cut it off.
-    pub async fn blocking_connection(&self) -> redis::RedisResult<ConnectionManager> {
-        ConnectionManager::new_with_config(
-            self.client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(None)
-                .set_max_delay(Duration::from_secs(2)),
-        )
-        .await
+    pub async fn blocking_connection(&self) -> redis::RedisResult<Conn> {
+        self.endpoint.connect(None).await
+    }
+
+    /// A connection of its own with the given response timeout (`WAIT`).
+    pub async fn dedicated_connection(&self, response_timeout: Duration) -> redis::RedisResult<Conn> {
+        self.endpoint.connect(Some(response_timeout)).await
+    }
+
+    /// A subscriber connection to `channels`; when its stream ends, call
+    /// again (under Sentinel or on a cluster that may be another node).
+    pub async fn subscribe(&self, channels: &[String]) -> redis::RedisResult<redis::aio::PubSub> {
+        let mut pubsub = self.endpoint.pubsub().await?;
+        for c in channels {
+            pubsub.subscribe(c).await?;
+        }
+        Ok(pubsub)
     }
 }

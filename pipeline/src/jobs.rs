@@ -200,7 +200,7 @@ pub struct JobStore {
 
 /// A few connections lent to one submit at a time.
 struct WaitingConns {
-    idle: std::sync::Mutex<Vec<redis::aio::MultiplexedConnection>>,
+    idle: std::sync::Mutex<Vec<crate::Conn>>,
     lendable: tokio::sync::Semaphore,
 }
 
@@ -316,19 +316,14 @@ impl JobStore {
                 Some(c) => c,
                 None => {
                     let timeout = Duration::from_millis(self.replication.wait_timeout_ms) + Duration::from_secs(5);
-                    let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(Duration::from_secs(5)))
-                        .set_response_timeout(Some(timeout));
-                    self.p
-                        .client
-                        .get_multiplexed_async_connection_with_config(&config)
-                        .await?
+                    self.p.dedicated_connection(timeout).await?
                 }
             };
+            let generation = conn.generation();
             let reply: (String, i64, String) = inv.invoke_async(&mut conn).await?;
             // Also when the key named an earlier job: that job may be the
             // one a submit refused here for want of replicas.
-            self.wait_for_replicas(&mut conn, &reply.0).await?;
+            self.wait_for_replicas(&mut conn, generation, &reply.0).await?;
             self.waiting_conns
                 .idle
                 .lock()
@@ -348,10 +343,21 @@ impl JobStore {
     /// connection made so far (the job's among them).
     async fn wait_for_replicas(
         &self,
-        conn: &mut redis::aio::MultiplexedConnection,
+        conn: &mut crate::Conn,
+        generation: u64,
         job_id: &str,
     ) -> Result<(), SubmitError> {
         let r = self.replication;
+        let not_replicated = |confirmed| SubmitError::NotReplicated {
+            job_id: job_id.to_string(),
+            confirmed,
+            wanted: r.min_replicas,
+        };
+        if conn.generation() != generation {
+            // The script and the wait went to different primaries (a
+            // failover between them): the wait would vouch for nothing.
+            return Err(not_replicated(0));
+        }
         let confirmed: u32 = if r.wait_aof {
             // [fsynced locally, replicas that fsynced]; 0 local: the primary
             // may run without an append-only file.
@@ -369,12 +375,8 @@ impl JobStore {
                 .query_async(conn)
                 .await?
         };
-        if confirmed < r.min_replicas {
-            return Err(SubmitError::NotReplicated {
-                job_id: job_id.to_string(),
-                confirmed,
-                wanted: r.min_replicas,
-            });
+        if confirmed < r.min_replicas || conn.generation() != generation {
+            return Err(not_replicated(confirmed));
         }
         Ok(())
     }

@@ -12,8 +12,10 @@
 
 pub mod admission;
 pub mod blob;
+pub mod connection;
 pub mod context;
 pub mod dlq;
+pub mod endpoint;
 pub mod estimate;
 pub mod event;
 pub mod jobs;
@@ -31,6 +33,8 @@ pub mod vendor_keys;
 pub mod webhooks;
 
 pub use blob::{BlobStore, BlobWriter, LocalBlobStore};
+pub use connection::Conn;
+pub use endpoint::Endpoint;
 pub use event::{EventKind, ImageEvent, Operation, OutputRef, Source, StageName};
 pub use jobs::{JobStore, JobView, NewImage, NewJob, ReplicationConfig, SubmitError};
 pub use keys::Keys;

@@ -393,11 +393,7 @@ impl StageRunner {
 
     /// Reads up to `slots` units of work; a batching stage waits up to its
     /// `max_wait` for a batch to fill.
-    async fn read(
-        &self,
-        reader: &mut redis::aio::ConnectionManager,
-        slots: usize,
-    ) -> redis::RedisResult<Vec<Delivery>> {
+    async fn read(&self, reader: &mut crate::Conn, slots: usize) -> redis::RedisResult<Vec<Delivery>> {
         let want = slots * self.per_slot();
         let mut out = self.xreadgroup(reader, want, self.cfg.read_block_ms).await?;
         if let Some(b) = self.stage.batching() {
@@ -419,7 +415,7 @@ impl StageRunner {
 
     async fn xreadgroup(
         &self,
-        reader: &mut redis::aio::ConnectionManager,
+        reader: &mut crate::Conn,
         count: usize,
         block_ms: u64,
     ) -> redis::RedisResult<Vec<Delivery>> {

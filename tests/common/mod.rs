@@ -3,6 +3,7 @@
 //! for them.
 #![allow(dead_code)]
 
+pub mod ha;
 pub mod http;
 
 use std::collections::HashSet;
@@ -42,8 +43,15 @@ impl TestEnv {
         let redis = RedisServer::start(&dir.path().join("redis"), fsync)
             .await
             .expect("redis-server must be installed to run these tests (apt-get install redis-server)");
+        let url = redis.url();
+        TestEnv::connect(dir, redis, &url).await
+    }
+
+    /// The environment on Redis at `url` (a Sentinel or cluster URL), with
+    /// `redis` one of its servers, kept for as long as the environment.
+    pub async fn connect(dir: tempfile::TempDir, redis: RedisServer, url: &str) -> TestEnv {
         let blobs: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir.path().join("blobs")).unwrap());
-        let pipeline = Pipeline::connect(&redis.url(), "iq", blobs)
+        let pipeline = Pipeline::connect(url, "iq", blobs)
             .await
             .expect("connect to the test redis");
         let jobs = JobStore::new(pipeline.clone(), 3600);
@@ -185,8 +193,11 @@ impl TestEnv {
     /// Subscribes to the finished-jobs channel; `wait` then returns once
     /// every given job has been announced.
     pub async fn finished_listener(&self) -> FinishedListener {
-        let mut pubsub = self.pipeline.client.get_async_pubsub().await.unwrap();
-        pubsub.subscribe(self.pipeline.keys.finished_channel()).await.unwrap();
+        let pubsub = self
+            .pipeline
+            .subscribe(&[self.pipeline.keys.finished_channel()])
+            .await
+            .unwrap();
         FinishedListener { pubsub }
     }
 
