@@ -351,20 +351,7 @@ async fn postpone(p: &Pipeline, entry: &StreamId) {
         "finished_ms": field("finished_ms").parse::<u64>().unwrap_or(0),
         "attempt": field("attempt").parse::<u32>().unwrap_or(1).max(1),
     });
-    let mut conn = p.conn.clone();
-    let settled: redis::RedisResult<()> = p
-        .scripts
-        .settle_webhook
-        .key(p.keys.webhook_outbox())
-        .key(p.keys.webhook_retries())
-        .key("")
-        .arg(GROUP)
-        .arg(&entry.id)
-        .arg("")
-        .arg(member.to_string())
-        .arg(now_ms() + POSTPONE_MS)
-        .invoke_async(&mut conn)
-        .await;
+    let settled = settle(p, &entry.id, None, "", &member.to_string(), now_ms() + POSTPONE_MS).await;
     if let Err(e) = settled {
         warn!(error = %e, "postponing a webhook delivery failed");
     }
@@ -432,24 +419,8 @@ async fn deliver_one(p: &Pipeline, sender: &dyn WebhookSender, cfg: &WebhookDeli
     }
     let keys = &p.keys;
     let (member, due) = retry.unwrap_or_default();
-    let mut conn = p.conn.clone();
-    let settled: redis::RedisResult<()> = p
-        .scripts
-        .settle_webhook
-        .key(keys.webhook_outbox())
-        .key(keys.webhook_retries())
-        .key(if job_id.is_empty() {
-            String::new()
-        } else {
-            keys.job(&job_id)
-        })
-        .arg(GROUP)
-        .arg(&entry.id)
-        .arg(record)
-        .arg(member)
-        .arg(due)
-        .invoke_async(&mut conn)
-        .await;
+    let job = (!job_id.is_empty()).then(|| keys.job(&job_id));
+    let settled = settle(p, &entry.id, job, &record, &member, due).await;
     if let Err(e) = settled {
         // Left pending: a reclaim sends it again, which receivers dedupe.
         warn!(error = %e, "settling a webhook delivery failed");
@@ -474,4 +445,26 @@ async fn promote_due(p: &Pipeline) -> redis::RedisResult<u64> {
         .arg(100)
         .invoke_async(&mut conn)
         .await
+}
+
+/// `settle_webhook.lua`: acknowledges outbox entry `entry_id`, schedules
+/// `retry_member` at `due_ms` ('' for no retry) and writes `outcome` on
+/// the job record `job` when there is one. A job it does not know is
+/// left out of KEYS, not passed as an empty key (which a cluster refuses
+/// as a cross-slot call).
+async fn settle(
+    p: &Pipeline,
+    entry_id: &str,
+    job: Option<String>,
+    outcome: &str,
+    retry_member: &str,
+    due_ms: u64,
+) -> redis::RedisResult<()> {
+    let mut inv = p.scripts.settle_webhook.prepare_invoke();
+    inv.key(p.keys.webhook_outbox()).key(p.keys.webhook_retries());
+    if let Some(job) = job {
+        inv.key(job);
+    }
+    inv.arg(GROUP).arg(entry_id).arg(outcome).arg(retry_member).arg(due_ms);
+    inv.invoke_async(&mut p.conn.clone()).await
 }
