@@ -9,6 +9,9 @@
 //! one ends (Linux's parent-death signal), and may keep a descriptor of its
 //! parent's open (the data directory's lock), so that the lock is held for
 //! as long as either of them lives.
+//!
+//! The same launcher runs the other roles a high-availability test needs:
+//! a replica, a Redis Cluster node and a Sentinel.
 
 use std::io;
 use std::net::TcpListener;
@@ -39,6 +42,23 @@ pub struct RedisServer {
     embedded: Option<Embedded>,
     /// The primary's port, for a replica.
     replica_of: Option<u16>,
+    role: Role,
+}
+
+/// What kind of server a `redis-server` process is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A data node (a primary, or a replica with `replica_of`).
+    Data,
+    /// A Redis Cluster node (`cluster-enabled yes`).
+    ClusterNode,
+    /// A Sentinel monitoring the primary on `primary_port` as `service`.
+    Sentinel {
+        service: String,
+        primary_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+    },
 }
 
 /// What `up`'s own server adds to a test server.
@@ -65,17 +85,52 @@ impl RedisServer {
 
     /// Starts `redis-server` on a given port.
     pub async fn start_on(dir: &Path, port: u16, fsync: Fsync) -> io::Result<RedisServer> {
-        Self::launch(dir, port, fsync, None).await
+        Self::launch(dir, port, fsync, None, Role::Data).await
     }
 
     /// Starts a replica of `primary` on a free port, with its data under
     /// `dir`. It is ready to serve when this returns; its first sync with
     /// the primary may still be under way.
     pub async fn start_replica(dir: &Path, primary: &RedisServer, fsync: Fsync) -> io::Result<RedisServer> {
-        Self::launch(dir, free_port()?, fsync, Some(primary.port)).await
+        Self::launch(dir, free_port()?, fsync, Some(primary.port), Role::Data).await
     }
 
-    async fn launch(dir: &Path, port: u16, fsync: Fsync, replica_of: Option<u16>) -> io::Result<RedisServer> {
+    /// Starts a replica of the primary on `primary_port`, on `port`.
+    pub async fn start_replica_on(dir: &Path, port: u16, primary_port: u16, fsync: Fsync) -> io::Result<RedisServer> {
+        Self::launch(dir, port, fsync, Some(primary_port), Role::Data).await
+    }
+
+    /// Starts a Redis Cluster node on a free port (not yet part of a
+    /// cluster: `redis-cli --cluster create` joins nodes).
+    pub async fn start_cluster_node(dir: &Path, fsync: Fsync) -> io::Result<RedisServer> {
+        Self::launch(dir, free_port()?, fsync, None, Role::ClusterNode).await
+    }
+
+    /// Starts a Sentinel on a free port, monitoring the primary on
+    /// `primary_port` under the name `service`.
+    pub async fn start_sentinel(
+        dir: &Path,
+        service: &str,
+        primary_port: u16,
+        quorum: u32,
+        down_after_ms: u64,
+    ) -> io::Result<RedisServer> {
+        let role = Role::Sentinel {
+            service: service.to_string(),
+            primary_port,
+            quorum,
+            down_after_ms,
+        };
+        Self::launch(dir, free_port()?, Fsync::Off, None, role).await
+    }
+
+    async fn launch(
+        dir: &Path,
+        port: u16,
+        fsync: Fsync,
+        replica_of: Option<u16>,
+        role: Role,
+    ) -> io::Result<RedisServer> {
         std::fs::create_dir_all(dir)?;
         let mut server = RedisServer {
             child: None,
@@ -84,6 +139,7 @@ impl RedisServer {
             fsync,
             embedded: None,
             replica_of,
+            role,
         };
         server.spawn().await?;
         Ok(server)
@@ -107,6 +163,7 @@ impl RedisServer {
                 dir: dir.to_path_buf(),
                 fsync,
                 replica_of: None,
+                role: Role::Data,
                 embedded: Some(Embedded {
                     password: password.to_string(),
                     keep_open,
@@ -122,6 +179,30 @@ impl RedisServer {
 
     async fn spawn(&mut self) -> io::Result<()> {
         let mut cmd = Command::new("redis-server");
+        let mut ready_marker = "Ready to accept connections";
+        if let Role::Sentinel {
+            service,
+            primary_port,
+            quorum,
+            down_after_ms,
+        } = &self.role
+        {
+            // A Sentinel rewrites its config file: it must be its own.
+            let conf = self.dir.join("sentinel.conf");
+            if !conf.exists() {
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}\n\
+                         sentinel down-after-milliseconds {service} {down_after_ms}\n\
+                         sentinel failover-timeout {service} {}\n",
+                        down_after_ms * 4
+                    ),
+                )?;
+            }
+            cmd.arg(&conf).arg("--sentinel");
+            ready_marker = "+monitor master";
+        }
         if let Some(e) = &self.embedded {
             // A config file must come first; it carries the password so
             // that no command line shows it.
@@ -160,10 +241,26 @@ impl RedisServer {
         }
         cmd.arg("--port")
             .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", "", "--logfile", ""])
+            .args(["--bind", "127.0.0.1", "--logfile", "", "--daemonize", "no"])
             .arg("--dir")
-            .arg(&self.dir)
-            .args(["--daemonize", "no", "--maxmemory-policy", "noeviction"]);
+            .arg(&self.dir);
+        if !matches!(self.role, Role::Sentinel { .. }) {
+            // A replica that (re)joins syncs at once, not after the
+            // default 5 s spent waiting for others to join too.
+            cmd.args([
+                "--save",
+                "",
+                "--maxmemory-policy",
+                "noeviction",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]);
+        }
+        if self.role == Role::ClusterNode {
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(self.dir.join("nodes.conf"));
+        }
         if let Some(primary) = self.replica_of {
             cmd.args(["--replicaof", "127.0.0.1"]).arg(primary.to_string());
         }
@@ -189,7 +286,7 @@ impl RedisServer {
         // Wait for the server's own word that it is ready, not a guess.
         let ready = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await? {
-                if line.contains("Ready to accept connections") {
+                if line.contains(ready_marker) {
                     return Ok(true);
                 }
             }
@@ -232,6 +329,12 @@ impl RedisServer {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Makes the next `restart` start the server as a replica of the
+    /// primary on `primary_port` (or as a primary, for `None`).
+    pub fn set_replica_of(&mut self, primary_port: Option<u16>) {
+        self.replica_of = primary_port;
     }
 
     /// Kills the server with SIGKILL: no shutdown, no final fsync.

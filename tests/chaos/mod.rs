@@ -72,6 +72,11 @@ pub struct Cluster {
     pub env: TestEnv,
     /// The Redis URL workers are given (a proxy's, in the network test).
     pub worker_redis_url: String,
+    /// The Redis URL the API is given.
+    pub api_redis_url: String,
+    /// Settings every process started from now on gets, as environment
+    /// variables.
+    pub extra_env: Vec<(String, String)>,
     /// The results database (the test's SQLite unless a test sets another).
     pub database_url: String,
     pub api_addr: String,
@@ -97,16 +102,24 @@ impl Cluster {
 
     pub async fn with_fsync(fsync: Fsync) -> Cluster {
         let env = TestEnv::start(fsync).await;
+        let url = env.redis.url();
+        Cluster::on(env, url).await
+    }
+
+    /// The processes of a pipeline on `env`, all given `redis_url` (a
+    /// Sentinel URL, in the failover test).
+    pub async fn on(env: TestEnv, redis_url: String) -> Cluster {
         let vendor_key = Auth::new(env.pipeline.clone(), None)
             .add_vendor(VENDOR)
             .await
             .expect("creating a vendor key");
         std::fs::create_dir_all(env.dir.path().join("logs")).unwrap();
-        let worker_redis_url = env.redis.url();
         let database_url = env.database_url();
         Cluster {
             env,
-            worker_redis_url,
+            worker_redis_url: redis_url.clone(),
+            api_redis_url: redis_url,
+            extra_env: Vec::new(),
             database_url,
             api_addr: format!("127.0.0.1:{}", free_port().unwrap()),
             api: tokio::sync::Mutex::new(None),
@@ -137,6 +150,7 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -188,7 +202,7 @@ impl Cluster {
     /// Starts the API process and waits until it answers `/readyz`.
     pub async fn start_api(&self) {
         let child = self
-            .command("api", &self.env.redis.url())
+            .command("api", &self.api_redis_url)
             .args(["api", "--listen", &self.api_addr])
             // The seed's limits would refuse a thousand-image burst; they
             // are not what these tests are about.
@@ -433,33 +447,26 @@ impl Announcements {
     pub async fn listen(env: &TestEnv) -> Announcements {
         let counts: Arc<Mutex<HashMap<String, u32>>> = Default::default();
         let stop = CancellationToken::new();
-        let client = env.pipeline.client.clone();
-        let channel = env.pipeline.keys.finished_channel();
+        let pipeline = env.pipeline.clone();
+        let channel = [env.pipeline.keys.finished_channel()];
         // The first subscription is in place before this returns, so no
         // announcement of the test's jobs can be missed by starting late.
-        let mut first = client.get_async_pubsub().await.unwrap();
-        first.subscribe(&channel).await.unwrap();
+        let first = pipeline.subscribe(&channel).await.unwrap();
         let (c, s) = (counts.clone(), stop.clone());
         tokio::spawn(async move {
             let mut next = Some(first);
             loop {
                 let mut pubsub = match next.take() {
                     Some(p) => p,
-                    None => {
-                        let fresh = match client.get_async_pubsub().await {
-                            Ok(mut p) => p.subscribe(&channel).await.map(|_| p),
-                            Err(e) => Err(e),
-                        };
-                        match fresh {
-                            Ok(p) => p,
-                            Err(_) => {
-                                tokio::select! {
-                                    _ = s.cancelled() => return,
-                                    _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                                }
+                    None => match pipeline.subscribe(&channel).await {
+                        Ok(p) => p,
+                        Err(_) => {
+                            tokio::select! {
+                                _ = s.cancelled() => return,
+                                _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
                             }
                         }
-                    }
+                    },
                 };
                 let mut stream = pubsub.on_message();
                 loop {
