@@ -249,3 +249,52 @@ fn kubernetes_has_a_deployment_and_a_lag_scaled_object_per_stage() {
     assert_eq!(args[0], "api");
     find(&docs, "Service", "image-queue-api");
 }
+
+/// docker-compose.ha.yml, the Redis high-availability overlay: a replica,
+/// three Sentinels, and every image-queue service given the Sentinels' URL
+/// and a replica to wait for, in a configuration the binary accepts.
+#[test]
+fn the_ha_overlay_runs_sentinels_and_points_every_service_at_them() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker-compose.ha.yml")).unwrap();
+    let ha = YamlLoader::load_from_str(&text)
+        .expect("docker-compose.ha.yml parses")
+        .remove(0);
+    let base = compose();
+    let replica = strings(&ha["services"]["redis-replica"]["command"]).join(" ");
+    assert!(replica.contains("--replicaof redis 6379"), "{replica}");
+    assert!(replica.contains("--appendonly yes"), "{replica}");
+    let primary = strings(&ha["services"]["redis"]["command"]).join(" ");
+    assert!(primary.contains("--min-replicas-to-write 1"), "{primary}");
+    for i in 0..3 {
+        let sentinel = &ha["services"][format!("sentinel-{i}").as_str()];
+        let script = strings(&sentinel["command"]).join(" ");
+        assert!(script.contains("sentinel monitor iq-primary redis 6379 2"), "{script}");
+        assert!(script.contains("--sentinel"), "{script}");
+        assert!(sentinel["healthcheck"].as_hash().is_some());
+    }
+    let bin = env!("CARGO_BIN_EXE_image-queue");
+    let mut names: Vec<String> = StageName::ALL.iter().map(|s| s.as_str().to_string()).collect();
+    names.extend(["api", "migrate", "webhooks"].map(String::from));
+    for name in names {
+        let overlay = &ha["services"][name.as_str()]["environment"];
+        let overlay = overlay
+            .as_hash()
+            .unwrap_or_else(|| panic!("{name} has no overlay environment"));
+        let mut env: BTreeMap<String, String> = env_of(&service(&base, &name)).into_iter().collect();
+        for (k, v) in overlay {
+            env.insert(k.as_str().unwrap().into(), v.as_str().unwrap().into());
+        }
+        let url = &env["REDIS_URL"];
+        match image_queue_pipeline::Endpoint::parse(url) {
+            Ok(image_queue_pipeline::Endpoint::Sentinel(s)) => {
+                assert_eq!(s.sentinels.len(), 3, "{url}");
+                assert_eq!(s.service, "iq-primary");
+            }
+            other => panic!("{name}: {url} is not a Sentinel URL: {other:?}"),
+        }
+        let out = Command::new(bin).arg("config").env_clear().envs(&env).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("min_replicas = 1"), "{name}: {text}");
+    }
+}
