@@ -1,9 +1,9 @@
 //! Chaos: Redis failover under Sentinel. A primary, a replica and three
 //! Sentinels (quorum 2); the API and every worker are separate processes
 //! given only the `redis+sentinel://` URL; a thousand images flow through
-//! the API and every stage of their jobs while the primary is SIGKILLed
-//! three times, each time restarted as a replica of the node the Sentinels
-//! promoted. Submits wait for one replica (`redis.min_replicas = 1`), so a
+//! the API and every operation (bg-removal, face-crop, resize) while the
+//! primary is SIGKILLed three times, each time restarted as a replica of
+//! the node the Sentinels promoted. Submits wait for one replica (`redis.min_replicas = 1`), so a
 //! 202 survives the failover: every accepted job ends exactly once with its
 //! results, none is unknown (404), no row or object is written twice and
 //! nothing is left pending. Every process follows the new primary by itself;
@@ -18,6 +18,7 @@ use chaos::*;
 use common::ha::SentinelSet;
 use common::TestEnv;
 use image_queue_pipeline::redis_server::Fsync;
+use image_queue_pipeline::StageName;
 
 /// How long a Sentinel waits before it calls an unanswering primary down.
 const DOWN_AFTER_MS: u64 = 1_000;
@@ -30,6 +31,9 @@ async fn the_primary_killed_three_times_under_sentinel_loses_no_accepted_job() {
     let url = set.url();
     let env = TestEnv::connect(dir, set.take_sentinel(), &url).await;
     let mut cluster = Cluster::on(env, url).await;
+    // Every operation: bg-removal (the border-key engine a worker without
+    // a model runs), face-crop (no face: kept whole) and resize.
+    cluster.operations = "bg-removal,face-crop,resize";
     cluster.extra_env = vec![
         // A 202 only once a replica holds the job.
         ("IMAGE_QUEUE_REDIS__MIN_REPLICAS".into(), "1".into()),
@@ -38,7 +42,16 @@ async fn the_primary_killed_three_times_under_sentinel_loses_no_accepted_job() {
         ("IMAGE_QUEUE_PIPELINE__BLOB_LINGER_MS".into(), "60000".into()),
     ];
     let c = &cluster;
-    c.start_standard_workers().await;
+    c.start_workers(&[
+        (StageName::RateCheck, 4),
+        (StageName::BgRemoval, 2),
+        (StageName::FaceCrop, 2),
+        (StageName::Resize, 2),
+        (StageName::Resize, 2),
+        (StageName::Upload, 4),
+        (StageName::DbCommit, 1),
+    ])
+    .await;
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();

@@ -27,13 +27,6 @@ pub const VENDOR: &str = "vendor-a";
 /// The resize stage's default variants: every image has one object and one
 /// result row per variant.
 pub const VARIANTS: [&str; 3] = ["large", "medium", "thumb"];
-/// The stages a resize-only job goes through.
-pub const STAGES: [StageName; 4] = [
-    StageName::RateCheck,
-    StageName::Resize,
-    StageName::Upload,
-    StageName::DbCommit,
-];
 
 /// `CHAOS_HEAVY=1` runs the suite with more images and faults.
 pub fn heavy() -> bool {
@@ -77,6 +70,9 @@ pub struct Cluster {
     /// Settings every process started from now on gets, as environment
     /// variables.
     pub extra_env: Vec<(String, String)>,
+    /// What every submitted job asks for (comma-separated); `resize` unless
+    /// a test sets more.
+    pub operations: &'static str,
     /// The results database (the test's SQLite unless a test sets another).
     pub database_url: String,
     pub api_addr: String,
@@ -120,6 +116,7 @@ impl Cluster {
             worker_redis_url: redis_url.clone(),
             api_redis_url: redis_url,
             extra_env: Vec::new(),
+            operations: "resize",
             database_url,
             api_addr: format!("127.0.0.1:{}", free_port().unwrap()),
             api: tokio::sync::Mutex::new(None),
@@ -238,7 +235,7 @@ impl Cluster {
     /// One multipart submit of `images` tiny PNGs for resizing.
     pub async fn submit_once(&self, idempotency_key: &str, images: usize) -> Result<(u16, Option<String>), String> {
         let png = tiny_png();
-        let mut form = reqwest::multipart::Form::new().text("operations", "resize");
+        let mut form = reqwest::multipart::Form::new().text("operations", self.operations);
         for i in 0..images {
             form = form
                 .part(
@@ -665,7 +662,7 @@ pub async fn check_invariants_sparing(
     }
 
     // Nothing left behind in the queue.
-    for stage in STAGES {
+    for stage in StageName::ALL {
         let pending = pending_summary(env, stage).await.unwrap().0;
         assert_eq!(pending, 0, "{stage}: entries still pending");
     }
