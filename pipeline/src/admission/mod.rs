@@ -181,30 +181,132 @@ impl Admission {
     }
 
     /// Moves waiting images downstream while the window has room.
+    ///
+    /// Three round trips, so that `dispatch.lua` is given every key it
+    /// touches: read the head of the vendor ring; a `plan` call says how
+    /// many images each of those vendors gives; read that many items off
+    /// their queues for the jobs they belong to; a `commit` call moves
+    /// them. A dispatcher that raced another reads again.
     pub async fn dispatch(&self) -> redis::RedisResult<Dispatched> {
-        let keys = &self.p.keys;
+        for _ in 0..DISPATCH_ATTEMPTS {
+            if let Some(done) = self.dispatch_once().await? {
+                return Ok(done);
+            }
+        }
+        // Another dispatcher kept changing the ring: it is moving images.
         let mut conn = self.p.conn.clone();
-        let (moved, waiting): (i64, i64) = self
-            .p
-            .scripts
-            .dispatch
-            .key(keys.vendor_ring())
-            .key(keys.admitted())
-            .key(keys.vendor_weights())
-            .key(keys.vendor_round())
-            .arg(self.window())
-            .arg(keys.vendor_queue_prefix())
-            .arg(keys.stream_prefix())
-            .arg(now_ms())
-            .arg(keys.progress_channel())
-            .invoke_async(&mut conn)
-            .await?;
+        let waiting: u64 = conn.llen(self.p.keys.vendor_ring()).await?;
         Ok(Dispatched {
-            moved: moved.max(0) as u64,
-            vendors_waiting: waiting.max(0) as u64,
+            moved: 0,
+            vendors_waiting: waiting,
         })
     }
+
+    /// One read-plan-read-commit pass; `None` when the state changed
+    /// between the reads and the commit.
+    async fn dispatch_once(&self) -> redis::RedisResult<Option<Dispatched>> {
+        let keys = &self.p.keys;
+        let window = self.window();
+        let mut conn = self.p.conn.clone();
+        let (admitted, ring_len): (Option<u64>, u64) = redis::pipe()
+            .get(keys.admitted())
+            .llen(keys.vendor_ring())
+            .query_async(&mut conn)
+            .await?;
+        let budget = window.saturating_sub(admitted.unwrap_or(0));
+        if budget == 0 || ring_len == 0 {
+            return Ok(Some(Dispatched {
+                moved: 0,
+                vendors_waiting: ring_len,
+            }));
+        }
+        // Every vendor reached gives at least one image: no more than the
+        // budget's worth of vendors can be reached.
+        let head: Vec<String> = conn
+            .lrange(keys.vendor_ring(), 0, budget.min(ring_len) as isize - 1)
+            .await?;
+        let downstream: Vec<StageName> = StageName::ALL
+            .into_iter()
+            .filter(|s| *s != StageName::RateCheck)
+            .collect();
+        let call = |mode: &str, head: &[String]| {
+            let mut inv = self.p.scripts.dispatch.prepare_invoke();
+            inv.key(keys.vendor_ring())
+                .key(keys.admitted())
+                .key(keys.vendor_weights())
+                .key(keys.vendor_round());
+            for v in head {
+                inv.key(keys.vendor_queue(v));
+            }
+            for s in &downstream {
+                inv.key(keys.stream(*s));
+            }
+            inv.arg(mode).arg(window).arg(now_ms()).arg(keys.progress_channel());
+            inv.arg(head.len()).arg(head);
+            inv.arg(downstream.len());
+            for s in &downstream {
+                inv.arg(s.as_str());
+            }
+            inv
+        };
+        let plan: Vec<i64> = call("plan", &head).invoke_async(&mut conn).await?;
+        match plan.as_slice() {
+            [-1, ..] => return Ok(None),
+            [_, waiting] => {
+                return Ok(Some(Dispatched {
+                    moved: 0,
+                    vendors_waiting: (*waiting).max(0) as u64,
+                }))
+            }
+            _ => {}
+        }
+        let (waiting, planned_budget) = (plan[1], plan[2]);
+        // Per head vendor: its queue's length and the images it gives.
+        let per_vendor: Vec<(i64, i64)> = plan[3..].chunks(2).map(|c| (c[0], c[1])).collect();
+        if per_vendor.iter().all(|(_, n)| *n == 0) {
+            return Ok(Some(Dispatched {
+                moved: 0,
+                vendors_waiting: waiting.max(0) as u64,
+            }));
+        }
+        let mut peek = redis::pipe();
+        for (v, (_, n)) in head.iter().zip(&per_vendor) {
+            if *n > 0 {
+                peek.lrange(keys.vendor_queue(v), 0, *n as isize - 1);
+            }
+        }
+        let peeked: Vec<Vec<String>> = peek.query_async(&mut conn).await?;
+        // Items are "stage\tjob key\tjob id\timage\tevent" (finish.lua's
+        // park): the jobs they move, by id.
+        let jobs: std::collections::BTreeSet<&str> = peeked
+            .iter()
+            .flatten()
+            .filter_map(|item| item.split('\t').nth(2))
+            .collect();
+        // The commit covers the vendors the plan reached, no others: a
+        // vendor it had not read would look empty to it.
+        let mut commit = call("commit", &head[..per_vendor.len()]);
+        for job in &jobs {
+            commit.key(keys.job(job));
+        }
+        commit.arg(planned_budget);
+        for (len, _) in &per_vendor {
+            commit.arg(*len);
+        }
+        let (moved, waiting): (i64, i64) = commit.invoke_async(&mut conn).await?;
+        if moved < 0 {
+            return Ok(None);
+        }
+        Ok(Some(Dispatched {
+            moved: moved as u64,
+            vendors_waiting: waiting.max(0) as u64,
+        }))
+    }
 }
+
+/// Read-plan-commit passes a dispatch makes before leaving the images to
+/// the dispatcher that keeps racing it.
+const DISPATCH_ATTEMPTS: usize = 3;
 
 /// Sets the admission counter to the true count of images in flight
 /// downstream of rate-check, if it had drifted.

@@ -1,7 +1,8 @@
 -- Gives up on an image: acknowledge it, append it to the dead-letter stream
 -- with why and when, and record the failure on its job.
 -- KEYS: this stage's stream, dead-letter stream, job, admitted counter,
---       stage counters, stage counters of this minute
+--       stage counters, stage counters of this minute, webhook registry,
+--       webhook outbox
 -- ARGV: group, entry id, event payload, image index, stage, error,
 --       attempts, now ms, dead-letter max length, finished channel,
 --       job id, vendor, progress channel, '1' if the image holds an
@@ -19,4 +20,4 @@ redis.call('HSET', KEYS[3], i .. ':status', 'failed', i .. ':error', ARGV[6],
   i .. ':attempts', ARGV[7], 'updated_ms', ARGV[8])
 redis.call('HINCRBY', KEYS[3], 'failed', 1)
 progress(ARGV[13], ARGV[11], i, ARGV[5], 'failed')
-return close_job_if_done(KEYS[3], ARGV[8], ARGV[10])
+return close_job_if_done(KEYS[3], ARGV[8], ARGV[10], {registry = KEYS[7], outbox = KEYS[8]})

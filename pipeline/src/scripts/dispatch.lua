@@ -2,9 +2,9 @@
 -- round-robin, only while fewer than `window` images are in flight
 -- downstream. Safe with any number of dispatchers: each call is atomic.
 -- A round gives each waiting vendor its weight in images; when the free
--- window holds several rounds they are taken at once (one LPOP per vendor
--- for all of them), and a round cut short by the window resumes, next
--- call, with the vendors it did not reach.
+-- window holds several rounds they are taken at once, and a round cut
+-- short by the window resumes, next call, with the vendors it did not
+-- reach.
 -- Only the head of the ring is read: every vendor reached takes at least
 -- one image, so a call reaches at most as many vendors as the free window
 -- holds, whatever the number of vendors waiting (the ring may hold
@@ -12,30 +12,79 @@
 -- A vendor whose turn the window cut in the middle (it took 2 of its 4)
 -- is first next call and takes the rest of its turn then (the round
 -- state), so weights hold exactly however small the window.
--- Keys of vendor queues and streams are derived from prefixes passed in;
--- they share the hash tag of the declared keys.
--- KEYS: vendor ring, admitted counter, vendor weights, round state
--- ARGV: window, vendor queue prefix, stream prefix, now ms, progress channel
--- Returns {dispatched, vendors still waiting}.
+--
+-- Every key is declared (a cluster needs that, and a slot migration must
+-- never find a script half-way through its writes), so a dispatch is
+-- three calls, made by admission/mod.rs:
+--   'plan': with the head of the ring as the caller read it and those
+--           vendors' queues, returns how many images each vendor gives;
+--           writes nothing.
+--   (the caller reads that many items off each queue, for their jobs)
+--   'commit': the same plan again, checked to be the one the caller was
+--           given, every item's job and stream checked to be declared,
+--           and only then any write.
+--   The commit may find more room or longer queues than the plan did
+--   (images finished, others parked): it keeps to the plan's budget and
+--   queue lengths, so it takes the items the caller read. It may take
+--   fewer (another dispatcher took some first).
+-- Either returns {-1, vendors waiting} when the ring's head changed since
+-- the caller read it, or an item's job was not declared: read again.
+-- KEYS: vendor ring, admitted counter, vendor weights, round state, then
+--       the queue of each head vendor (in ARGV's order), then the stream
+--       of each stage named in ARGV, then (commit) every item's job
+-- ARGV: mode, window, now ms, progress channel, head vendor count h, the
+--       h head vendors, stage count s, the s stage names, then (commit)
+--       the plan's budget and its h queue lengths
+-- Returns, for a plan: {0, vendors waiting, budget, then per head vendor
+-- its queue's length and the images it gives}; for a commit: {images
+-- moved, vendors waiting}.
 local ring = KEYS[1]
-local budget = tonumber(ARGV[1]) - tonumber(redis.call('GET', KEYS[2]) or '0')
-if budget <= 0 then return {0, redis.call('LLEN', ring)} end
+local mode, window, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local h = tonumber(ARGV[5])
+local declared_vendors, queue_of = {}, {}
+for k = 1, h do
+  declared_vendors[k] = ARGV[5 + k]
+  queue_of[ARGV[5 + k]] = KEYS[4 + k]
+end
+local s = tonumber(ARGV[6 + h])
+local stream_of = {}
+for k = 1, s do stream_of[ARGV[6 + h + k]] = KEYS[4 + h + k] end
+local committing = mode == 'commit'
+local budget = window - tonumber(redis.call('GET', KEYS[2]) or '0')
+local planned_len = {}
+local declared_jobs = {}
+if committing then
+  budget = math.min(budget, tonumber(ARGV[7 + h + s]))
+  for k = 1, h do planned_len[declared_vendors[k]] = tonumber(ARGV[7 + h + s + k]) end
+  for k = 5 + h + s, #KEYS do declared_jobs[KEYS[k]] = true end
+end
 local len = redis.call('LLEN', ring)
-if len == 0 then return {0, 0} end
-local head = math.min(len, budget)
+if budget <= 0 or len == 0 then return {0, len} end
+local head = math.min(len, budget, h)
 local whole = head == len
 local vendors = redis.call('LRANGE', ring, 0, head - 1)
--- Weights in slices, for the same reason.
+for k = 1, head do
+  if vendors[k] ~= declared_vendors[k] then return {-1, len} end
+end
+-- Weights in slices: unpack() of many vendors would pass Lua's limit on
+-- a call's arguments.
 local weights = {}
-for s = 1, #vendors, 500 do
+for from = 1, #vendors, 500 do
   local slice = {}
-  for k = s, math.min(s + 499, #vendors) do slice[#slice + 1] = vendors[k] end
+  for k = from, math.min(from + 499, #vendors) do slice[#slice + 1] = vendors[k] end
   local w = redis.call('HMGET', KEYS[3], unpack(slice))
-  for k = 1, #slice do weights[s + k - 1] = w[k] end
+  for k = 1, #slice do weights[from + k - 1] = w[k] end
 end
 local active = {}
 for k, v in ipairs(vendors) do
   active[k] = {name = v, weight = math.max(1, tonumber(weights[k] or '1') or 1)}
+end
+local left = {}
+local queued = {}
+for _, v in ipairs(vendors) do
+  queued[v] = redis.call('LLEN', queue_of[v])
+  left[v] = queued[v]
+  if committing then left[v] = math.min(left[v], planned_len[v]) end
 end
 -- The rest of a turn the last call cut short, if its vendor is first.
 local owed_to, owed = nil, 0
@@ -44,9 +93,13 @@ if state then
   local v, n = string.match(state, '^(.*)\n(%d+)$')
   if v == vendors[1] then owed_to, owed = v, tonumber(n) end
 end
+
+-- The plan: which vendor gives how many images, in order. No writes.
+local takes = {}
+local taken = {}
 local resume = nil
 local first_pass = true
-local moved, announced, emptied, cut = 0, {}, {}, nil
+local moved, emptied, cut = 0, {}, nil
 while budget > 0 and #active > 0 do
   local total = 0
   for _, v in ipairs(active) do total = total + v.weight end
@@ -62,16 +115,11 @@ while budget > 0 and #active > 0 do
       local turn = v.weight * rounds
       if first_pass and v.name == owed_to then turn = owed end
       local want = math.min(turn, budget)
-      local items = redis.call('LPOP', ARGV[2] .. v.name, want)
-      local n = items and #items or 0
-      for k = 1, n do
-        local stage, job, id, i, payload =
-          string.match(items[k], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
-        redis.call('XADD', ARGV[3] .. stage, '*', 'e', payload)
-        redis.call('HSET', job, i .. ':stage', stage, i .. ':status', 'processing',
-          'status', 'processing', 'updated_ms', ARGV[4])
-        announced[#announced + 1] = '{"job":"' .. id .. '","image":' .. tonumber(i) ..
-          ',"stage":"' .. stage .. '","status":"processing"}'
+      local n = math.min(want, left[v.name])
+      left[v.name] = left[v.name] - n
+      if n > 0 then
+        takes[#takes + 1] = {v.name, n}
+        taken[v.name] = (taken[v.name] or 0) + n
       end
       moved = moved + n
       budget = budget - n
@@ -93,6 +141,53 @@ while budget > 0 and #active > 0 do
   -- Past the head, other vendors come before a second round for these.
   if not whole then break end
 end
+
+if not committing then
+  local out = {0, len, window - tonumber(redis.call('GET', KEYS[2]) or '0')}
+  for k = 1, head do
+    out[#out + 1] = redis.call('LLEN', queue_of[vendors[k]])
+    out[#out + 1] = taken[vendors[k]] or 0
+  end
+  return out
+end
+
+-- Commit: every key the writes touch must be declared before anything
+-- is written.
+local items = {}
+for v, n in pairs(taken) do
+  local list = redis.call('LRANGE', queue_of[v], 0, n - 1)
+  if #list ~= n then return {-1, len} end
+  local parsed = {}
+  for k = 1, n do
+    local stage, job, id, i, payload =
+      string.match(list[k], '^([^\t]*)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+    if not (stage and declared_jobs[job] and stream_of[stage]) then return {-1, len} end
+    parsed[k] = {stage = stage, job = job, id = id, i = i, payload = payload}
+  end
+  items[v] = {list = parsed, next = 1}
+end
+
+local announced = {}
+for _, t in ipairs(takes) do
+  local v, n = t[1], t[2]
+  local queue = items[v]
+  for _ = 1, n do
+    local item = queue.list[queue.next]
+    queue.next = queue.next + 1
+    redis.call('XADD', stream_of[item.stage], '*', 'e', item.payload)
+    redis.call('HSET', item.job, item.i .. ':stage', item.stage, item.i .. ':status', 'processing',
+      'status', 'processing', 'updated_ms', now)
+    announced[#announced + 1] = '{"job":"' .. item.id .. '","image":' .. tonumber(item.i) ..
+      ',"stage":"' .. item.stage .. '","status":"processing"}'
+  end
+end
+for v, n in pairs(taken) do redis.call('LTRIM', queue_of[v], n, -1) end
+-- A queue that had more than the plan read (images parked since) is not
+-- empty, whatever the plan thought.
+local gone = {}
+for v in pairs(emptied) do
+  if queued[v] <= (taken[v] or 0) then gone[v] = true end
+end
 if resume then
   redis.call('SET', KEYS[4], resume)
 elseif state and moved > 0 then
@@ -100,7 +195,7 @@ elseif state and moved > 0 then
 end
 if moved > 0 then
   redis.call('INCRBY', KEYS[2], moved)
-  redis.call('PUBLISH', ARGV[5], '[' .. table.concat(announced, ',') .. ']')
+  redis.call('PUBLISH', channel, '[' .. table.concat(announced, ',') .. ']')
 end
 local function push(cmd, list, from, to, step)
   local slice = {}
@@ -113,12 +208,12 @@ end
 -- Rewrite the head of the ring if a vendor's queue emptied, a round was
 -- cut short or vendors lie past the head: those not reached first, then
 -- the vendors past the head, then the ones reached; emptied ones go.
-if cut or next(emptied) or not whole then
+if cut or next(gone) or not whole then
   local first, after = {}, {}
   local reached = true
   for _, v in ipairs(vendors) do
     if v == cut then reached = false end
-    if not emptied[v] then
+    if not gone[v] then
       if reached then after[#after + 1] = v else first[#first + 1] = v end
     end
   end

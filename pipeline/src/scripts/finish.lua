@@ -7,8 +7,9 @@
 -- announcement and the closed jobs' announcement (one line each, on the
 -- finished channel) are written once for it, not once per event.
 -- KEYS: this stage's stream, admitted counter, stage counters, stage
---       counters of this minute, vendor ring, then per event: its job and
---       its target (next stage's stream, vendor queue, or the job again)
+--       counters of this minute, vendor ring, webhook registry, webhook
+--       outbox, then per event: its job and its target (next stage's
+--       stream, vendor queue, or the job again)
 -- ARGV: group, now ms, finished channel, progress channel, minute
 --       counters' TTL s, then per event: kind, entry id, image index,
 --       '1' if the image holds an admission slot, data (event payload,
@@ -19,14 +20,15 @@
 -- 3 completed and closed its job with no image failed, 4 completed and
 -- closed its job with failed images.
 local stream, ring = KEYS[1], KEYS[5]
+local hooks = {registry = KEYS[6], outbox = KEYS[7]}
 local group, now, finished, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local results, announced, closed, in_ring, hooks = {}, {}, {}, {}, {}
+local results, announced, closed, in_ring, known_hooks = {}, {}, {}, {}, {}
 local processed, released = 0, 0
 for e = 0, (#ARGV - 5) / 7 - 1 do
   local a = 5 + 7 * e
   local kind, id, i, slot = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   local data, detail, note = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-  local job, target = KEYS[6 + 2 * e], KEYS[7 + 2 * e]
+  local job, target = KEYS[8 + 2 * e], KEYS[9 + 2 * e]
   local r = 0
   if redis.call('XACK', stream, group, id) == 1 then
     processed = processed + 1
@@ -53,7 +55,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
         announced[#announced + 1] = note
         if status then
           closed[#closed + 1] = v[6] .. ' ' .. status
-          notify_webhook(job, v[6], v[7], status, now, hooks)
+          notify_webhook(hooks, v[6], v[7], status, now, known_hooks)
         end
       end
     else
@@ -64,7 +66,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
         if slot == '1' then released = released + 1 end
         r = 2
       elseif kind == 'h' then
-        if skip_if_cancelled(job, i, status, now, finished, KEYS[2], slot) then
+        if skip_if_cancelled(job, i, status, now, finished, hooks, KEYS[2], slot) then
           r = 2
         else
           redis.call('XADD', target, '*', 'e', data)
@@ -73,7 +75,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
           announced[#announced + 1] = note
           r = 1
         end
-      elseif skip_if_cancelled(job, i, status, now, finished) then
+      elseif skip_if_cancelled(job, i, status, now, finished, hooks) then
         -- A parked image holds no admission slot yet.
         r = 2
       else

@@ -43,19 +43,19 @@ local function final_status(status, done, failed)
 end
 
 -- Tells the vendor's webhook, if it has one, that a job closed: in the
--- same step as the closing (the keys share the job key's hash tag; see
--- keys.rs). `known`, if given, caches per vendor whether it has a webhook,
--- for a step that closes many jobs.
-local function notify_webhook(job, id, vendor, status, now, known)
-  local base = string.match(job, '^(.*):job:[^:]*$')
-  if not base or not vendor then return end
+-- same step as the closing. `hooks` names the declared keys of the
+-- webhook registry and outbox ({registry = …, outbox = …}). `known`, if
+-- given, caches per vendor whether it has a webhook, for a step that
+-- closes many jobs.
+local function notify_webhook(hooks, id, vendor, status, now, known)
+  if not vendor then return end
   local has = known and known[vendor]
   if has == nil then
-    has = redis.call('HEXISTS', base .. ':webhooks', vendor) == 1
+    has = redis.call('HEXISTS', hooks.registry, vendor) == 1
     if known then known[vendor] = has end
   end
   if has then
-    redis.call('XADD', base .. ':webhook-outbox', '*', 'job', id, 'vendor', vendor,
+    redis.call('XADD', hooks.outbox, '*', 'job', id, 'vendor', vendor,
       'status', status, 'finished_ms', tostring(now), 'attempt', '1')
   end
 end
@@ -65,7 +65,7 @@ end
 -- Returns 0 if the job is still open, 1 if it closed with no image failed,
 -- 2 if it closed with failed images (their blobs are kept for replaying
 -- the dead letters).
-local function close_job_if_done(job, now, channel)
+local function close_job_if_done(job, now, channel, hooks)
   local v = redis.call('HMGET', job, 'images', 'done', 'failed', 'skipped', 'status', 'id', 'vendor')
   local n = tonumber(v[1] or '0')
   local done, failed, skipped = tonumber(v[2] or '0'), tonumber(v[3] or '0'), tonumber(v[4] or '0')
@@ -73,18 +73,18 @@ local function close_job_if_done(job, now, channel)
   local status = final_status(v[5], done, failed)
   redis.call('HSET', job, 'status', status, 'finished_ms', now, 'updated_ms', now)
   redis.call('PUBLISH', channel, v[6] .. ' ' .. status)
-  notify_webhook(job, v[6], v[7], status, now)
+  notify_webhook(hooks, v[6], v[7], status, now)
   if failed > 0 then return 2 end
   return 1
 end
 
 -- For a cancelled job: records the image as skipped instead of moving it
 -- on. Returns true if the job was cancelled.
-local function skip_if_cancelled(job, i, status, now, channel, counter, admitted)
+local function skip_if_cancelled(job, i, status, now, channel, hooks, counter, admitted)
   if status ~= 'cancelled' then return false end
   if counter then release_slot(counter, admitted) end
   redis.call('HSET', job, i .. ':status', 'cancelled', 'updated_ms', now)
   redis.call('HINCRBY', job, 'skipped', 1)
-  close_job_if_done(job, now, channel)
+  close_job_if_done(job, now, channel, hooks)
   return true
 end

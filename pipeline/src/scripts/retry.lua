@@ -3,7 +3,8 @@
 -- The entry is acknowledged and the event moved to the stage's retry set in
 -- one step, so it is never both pending and scheduled, nor neither.
 -- KEYS: this stage's stream, this stage's retry set, job, admitted counter,
---       stage counters, stage counters of this minute
+--       stage counters, stage counters of this minute, webhook registry,
+--       webhook outbox
 -- ARGV: group, entry id, event payload, due ms, image index, status,
 --       reason, attempts, now ms, finished channel, progress channel,
 --       job id, stage, '1' if the image holds an admission slot, counter
@@ -19,7 +20,8 @@ if not status then
   release_slot(KEYS[4], ARGV[14])
   return 2
 end
-if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], KEYS[4], ARGV[14]) then return 2 end
+local hooks = {registry = KEYS[7], outbox = KEYS[8]}
+if skip_if_cancelled(KEYS[3], ARGV[5], status, ARGV[9], ARGV[10], hooks, KEYS[4], ARGV[14]) then return 2 end
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
 local i = ARGV[5]
 redis.call('HSET', KEYS[3], i .. ':status', ARGV[6], i .. ':error', ARGV[7],
