@@ -449,7 +449,20 @@ async fn images_over_a_vendors_quota_are_deferred_then_resume_by_themselves() {
             throttled += 1;
         }
     }
-    let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+    // The three within the quota finish first: until then the window is
+    // full and, with no rate measured yet, no start could be promised.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let job = loop {
+        let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+        if job.completed == 3 {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the images within the quota never completed: {job:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let waiting: Vec<_> = job.images.iter().filter(|i| i.status == "throttled").collect();
     assert!(!waiting.is_empty(), "{job:?}");
     assert!(waiting.iter().all(|i| i.resume_at_ms.is_some() && i.attempts == 0));
@@ -534,4 +547,25 @@ async fn a_completed_jobs_blobs_linger_before_they_are_deleted() {
     assert_eq!(left, 0);
     shutdown.cancel();
     while stages.join_next().await.is_some() {}
+}
+
+/// The tests run every script with key tracking (`TestEnv`): a script
+/// that names a key its caller did not pass, such as one it builds from
+/// another, fails, so every key stays declared (what a Redis Cluster
+/// needs).
+#[tokio::test]
+async fn key_tracking_fails_a_script_that_builds_a_key() {
+    use image_queue_pipeline::scripts::tracking_keys;
+    let env = TestEnv::start(Fsync::Off).await;
+    let mut conn = env.pipeline.conn.clone();
+    let derived = tracking_keys("return redis.call('GET', KEYS[1] .. ':derived')");
+    let err = derived
+        .key("{iq}:a")
+        .invoke_async::<Option<String>>(&mut conn)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("key tracking"), "{err}");
+    let declared = tracking_keys("redis.call('SET', KEYS[1], 'x'); return redis.call('GET', KEYS[1])");
+    let ok: Option<String> = declared.key("{iq}:a").invoke_async(&mut conn).await.unwrap();
+    assert_eq!(ok.as_deref(), Some("x"));
 }

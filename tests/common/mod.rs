@@ -51,9 +51,12 @@ impl TestEnv {
     /// `redis` one of its servers, kept for as long as the environment.
     pub async fn connect(dir: tempfile::TempDir, redis: RedisServer, url: &str) -> TestEnv {
         let blobs: Arc<dyn BlobStore> = Arc::new(LocalBlobStore::new(dir.path().join("blobs")).unwrap());
-        let pipeline = Pipeline::connect(url, "iq", blobs)
+        let mut pipeline = Pipeline::connect(url, "iq", blobs)
             .await
             .expect("connect to the test redis");
+        // Every script the tests run fails if it names a key its caller
+        // did not pass in KEYS.
+        pipeline.scripts = Arc::new(image_queue_pipeline::scripts::Scripts::tracking_keys());
         let jobs = JobStore::new(pipeline.clone(), 3600);
         TestEnv {
             redis,

@@ -2,14 +2,25 @@
 //!
 //! Every script is loaded with `lib.lua`'s helpers in front of it, and run
 //! by `EVALSHA` (falling back to `EVAL` after a Redis restart empties the
-//! script cache). All of their keys share one hash tag (see `keys.rs`).
+//! script cache). All of their keys share one hash tag (see `keys.rs`),
+//! and every key a script touches is one its caller passed in KEYS: no
+//! script builds a key. The test suite runs them with `track_keys.lua` in
+//! front, which fails a call that names any other key.
 
 use redis::Script;
 
 const LIB: &str = include_str!("lib.lua");
+const TRACK_KEYS: &str = include_str!("track_keys.lua");
 
-fn with_lib(body: &str) -> Script {
-    Script::new(&format!("{LIB}\n{body}"))
+/// A script with `lib.lua` in front, and `prelude` before that.
+pub fn with_lib(prelude: &str, body: &str) -> Script {
+    Script::new(&format!("{prelude}\n{LIB}\n{body}"))
+}
+
+/// `body` run so that naming a key not passed in KEYS is an error
+/// (`track_keys.lua`), for tests.
+pub fn tracking_keys(body: &str) -> Script {
+    with_lib(TRACK_KEYS, body)
 }
 
 pub struct Scripts {
@@ -32,22 +43,33 @@ pub struct Scripts {
 
 impl Scripts {
     pub fn new() -> Self {
+        Self::with_prelude("")
+    }
+
+    /// The scripts with key tracking in front (`track_keys.lua`): the test
+    /// suite runs them, so a script that derives a key fails its tests.
+    pub fn tracking_keys() -> Self {
+        Self::with_prelude(TRACK_KEYS)
+    }
+
+    fn with_prelude(prelude: &str) -> Self {
+        let s = |body: &str| with_lib(prelude, body);
         Scripts {
-            submit: with_lib(include_str!("submit.lua")),
-            finish: with_lib(include_str!("finish.lua")),
-            retry: with_lib(include_str!("retry.lua")),
-            dead: with_lib(include_str!("dead.lua")),
-            promote: with_lib(include_str!("promote.lua")),
-            trim: with_lib(include_str!("trim.lua")),
-            cancel: with_lib(include_str!("cancel.lua")),
-            reap_consumers: with_lib(include_str!("reap_consumers.lua")),
-            dispatch: with_lib(include_str!("dispatch.lua")),
-            rate_limit: with_lib(include_str!("rate_limit.lua")),
-            replay: with_lib(include_str!("replay.lua")),
-            quota: with_lib(include_str!("quota.lua")),
-            promote_webhooks: with_lib(include_str!("promote_webhooks.lua")),
-            settle_webhook: with_lib(include_str!("settle_webhook.lua")),
-            reconcile_admitted: with_lib(include_str!("reconcile_admitted.lua")),
+            submit: s(include_str!("submit.lua")),
+            finish: s(include_str!("finish.lua")),
+            retry: s(include_str!("retry.lua")),
+            dead: s(include_str!("dead.lua")),
+            promote: s(include_str!("promote.lua")),
+            trim: s(include_str!("trim.lua")),
+            cancel: s(include_str!("cancel.lua")),
+            reap_consumers: s(include_str!("reap_consumers.lua")),
+            dispatch: s(include_str!("dispatch.lua")),
+            rate_limit: s(include_str!("rate_limit.lua")),
+            replay: s(include_str!("replay.lua")),
+            quota: s(include_str!("quota.lua")),
+            promote_webhooks: s(include_str!("promote_webhooks.lua")),
+            settle_webhook: s(include_str!("settle_webhook.lua")),
+            reconcile_admitted: s(include_str!("reconcile_admitted.lua")),
         }
     }
 }
