@@ -184,9 +184,9 @@ impl Admission {
     ///
     /// Three round trips, so that `dispatch.lua` is given every key it
     /// touches: read the head of the vendor ring; a `plan` call says how
-    /// many images each of those vendors gives; read that many items off
-    /// their queues for the jobs they belong to; a `commit` call moves
-    /// them. A dispatcher that raced another reads again.
+    /// many images each of those vendors gives and the jobs they belong
+    /// to; a `commit` call moves them. A dispatcher that raced another
+    /// reads again.
     pub async fn dispatch(&self) -> redis::RedisResult<Dispatched> {
         for _ in 0..DISPATCH_ATTEMPTS {
             if let Some(done) = self.dispatch_once().await? {
@@ -249,50 +249,45 @@ impl Admission {
             }
             inv
         };
-        let plan: Vec<i64> = call("plan", &head).invoke_async(&mut conn).await?;
-        match plan.as_slice() {
-            [-1, ..] => return Ok(None),
-            [_, waiting] => {
-                return Ok(Some(Dispatched {
-                    moved: 0,
-                    vendors_waiting: (*waiting).max(0) as u64,
-                }))
-            }
-            _ => {}
+        let plan: Vec<redis::Value> = call("plan", &head).invoke_async(&mut conn).await?;
+        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v);
+        let status = plan.first().map(int).transpose()?.unwrap_or(-1);
+        if status < 0 {
+            return Ok(None);
         }
-        let (waiting, planned_budget) = (plan[1], plan[2]);
-        // Per head vendor: its queue's length and the images it gives.
-        let per_vendor: Vec<(i64, i64)> = plan[3..].chunks(2).map(|c| (c[0], c[1])).collect();
-        if per_vendor.iter().all(|(_, n)| *n == 0) {
+        let waiting = plan.get(1).map(int).transpose()?.unwrap_or(0);
+        if plan.len() == 2 {
             return Ok(Some(Dispatched {
                 moved: 0,
                 vendors_waiting: waiting.max(0) as u64,
             }));
         }
-        let mut peek = redis::pipe();
-        for (v, (_, n)) in head.iter().zip(&per_vendor) {
-            if *n > 0 {
-                peek.lrange(keys.vendor_queue(v), 0, *n as isize - 1);
+        let planned_budget = int(&plan[2])?;
+        // Per head vendor: its queue's length, the n images it gives, and
+        // the jobs of those n.
+        let mut lengths = Vec::new();
+        let mut jobs = std::collections::BTreeSet::new();
+        let mut rest = plan[3..].iter();
+        while let (Some(len), Some(n)) = (rest.next(), rest.next()) {
+            lengths.push(int(len)?);
+            for _ in 0..int(n)? {
+                let id: String = redis::from_redis_value_ref(rest.next().unwrap_or(&redis::Value::Nil))?;
+                jobs.insert(id);
             }
         }
-        let peeked: Vec<Vec<String>> = peek.query_async(&mut conn).await?;
-        // Items are "stage\tjob key\tjob id\timage\tevent" (finish.lua's
-        // park): the jobs they move, by id.
-        let jobs: std::collections::BTreeSet<&str> = peeked
-            .iter()
-            .flatten()
-            .filter_map(|item| item.split('\t').nth(2))
-            .collect();
+        if jobs.is_empty() {
+            return Ok(Some(Dispatched {
+                moved: 0,
+                vendors_waiting: waiting.max(0) as u64,
+            }));
+        }
         // The commit covers the vendors the plan reached, no others: a
         // vendor it had not read would look empty to it.
-        let mut commit = call("commit", &head[..per_vendor.len()]);
+        let mut commit = call("commit", &head[..lengths.len()]);
         for job in &jobs {
             commit.key(keys.job(job));
         }
-        commit.arg(planned_budget);
-        for (len, _) in &per_vendor {
-            commit.arg(*len);
-        }
+        commit.arg(planned_budget).arg(&lengths[..]);
         let (moved, waiting): (i64, i64) = commit.invoke_async(&mut conn).await?;
         if moved < 0 {
             return Ok(None);

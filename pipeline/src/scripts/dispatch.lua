@@ -17,9 +17,8 @@
 -- never find a script half-way through its writes), so a dispatch is
 -- three calls, made by admission/mod.rs:
 --   'plan': with the head of the ring as the caller read it and those
---           vendors' queues, returns how many images each vendor gives;
---           writes nothing.
---   (the caller reads that many items off each queue, for their jobs)
+--           vendors' queues, returns how many images each vendor gives
+--           and the jobs they belong to; writes nothing.
 --   'commit': the same plan again, checked to be the one the caller was
 --           given, every item's job and stream checked to be declared,
 --           and only then any write.
@@ -36,8 +35,8 @@
 --       h head vendors, stage count s, the s stage names, then (commit)
 --       the plan's budget and its h queue lengths
 -- Returns, for a plan: {0, vendors waiting, budget, then per head vendor
--- its queue's length and the images it gives}; for a commit: {images
--- moved, vendors waiting}.
+-- its queue's length, the n images it gives and their n job ids}; for a
+-- commit: {images moved, vendors waiting}.
 local ring = KEYS[1]
 local mode, window, now, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local h = tonumber(ARGV[5])
@@ -145,8 +144,15 @@ end
 if not committing then
   local out = {0, len, window - tonumber(redis.call('GET', KEYS[2]) or '0')}
   for k = 1, head do
-    out[#out + 1] = redis.call('LLEN', queue_of[vendors[k]])
-    out[#out + 1] = taken[vendors[k]] or 0
+    local v = vendors[k]
+    local n = taken[v] or 0
+    out[#out + 1] = queued[v]
+    out[#out + 1] = n
+    if n > 0 then
+      for _, item in ipairs(redis.call('LRANGE', queue_of[v], 0, n - 1)) do
+        out[#out + 1] = string.match(item, '^[^\t]*\t[^\t]*\t([^\t]*)\t') or ''
+      end
+    end
   end
   return out
 end
