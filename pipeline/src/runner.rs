@@ -37,6 +37,7 @@ pub use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::now_ms;
 use crate::retry::RetryPolicy;
+use crate::scripts::{DeadLetter, ScheduleRetry, Waiting};
 use crate::stage::{ErrorClass, Outcome, Stage, StageError};
 
 /// How one stage runs in this process.
@@ -606,7 +607,7 @@ impl StageRunner {
                 reason,
             }) => Step::Retry {
                 due_ms: until_ms,
-                status: "throttled",
+                waiting: Waiting::Throttled,
                 reason,
                 attempts: event.attempt,
                 event,
@@ -621,7 +622,7 @@ impl StageRunner {
                 debug!(stage = %self.name, error = %err, ?delay, "a service is unavailable; retrying later");
                 Step::Retry {
                     due_ms: now_ms() + delay.as_millis() as u64,
-                    status: "retrying",
+                    waiting: Waiting::Retrying,
                     reason: err.message,
                     attempts: input.attempt,
                     event: input,
@@ -639,7 +640,7 @@ impl StageRunner {
                     event.attempt = failed;
                     Step::Retry {
                         due_ms: now_ms() + delay.as_millis() as u64,
-                        status: "retrying",
+                        waiting: Waiting::Retrying,
                         reason: err.message,
                         attempts: failed,
                         event,
@@ -828,125 +829,69 @@ impl StageRunner {
         call.invoke_async(&mut conn).await
     }
 
-    /// Runs the script for a retry or a dead letter; its code.
+    /// Runs the script for a retry or a dead letter (`retry.rs`,
+    /// `dead.rs`); 0, as neither asks the caller for more.
     async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<i64> {
-        let keys = &self.p.keys;
-        let s = &self.p.scripts;
-        let mut conn = self.p.conn.clone();
-        let now = now_ms();
-        let finished = keys.finished_channel();
-        let progress = keys.progress_channel();
-        // Counted by the same script, so a duplicate delivery is never
-        // counted and counting costs no round trip of its own.
-        let counters = keys.counters(self.name);
-        let minute = keys.counters_minute(self.name, now / 60_000);
-        let field = step.counted().field();
-        let ttl = crate::metrics::MINUTE_BUCKET_TTL_S;
         match step {
             Step::Retry {
                 due_ms,
-                status,
+                waiting,
                 reason,
                 attempts,
                 event,
             } => {
-                s.retry
-                    .key(&self.stream)
-                    .key(keys.retries(self.name))
-                    .key(keys.job(&event.job))
-                    .key(keys.admitted())
-                    .arg(self.group())
-                    .arg(id)
-                    .arg(event.to_json())
-                    .arg(due_ms)
-                    .arg(event.image)
-                    .arg(*status)
-                    .arg(reason)
-                    .arg(attempts)
-                    .arg(now)
-                    .arg(&finished)
-                    .arg(&progress)
-                    .arg(&event.job)
-                    .arg(self.name.as_str())
-                    .arg(flag(event.slot))
-                    .key(&counters)
-                    .key(&minute)
-                    .key(keys.webhooks())
-                    .key(keys.webhook_outbox())
-                    .arg(field)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
+                ScheduleRetry {
+                    stage: self.name,
+                    entry_id: id,
+                    event,
+                    due_ms: *due_ms,
+                    waiting: *waiting,
+                    reason,
+                    attempts: *attempts,
+                }
+                .run(&self.p)
+                .await?;
             }
             Step::Dead { error, attempts, event } => {
-                s.dead
-                    .key(&self.stream)
-                    .key(keys.dead_letters())
-                    .key(keys.job(&event.job))
-                    .key(keys.admitted())
-                    .arg(self.group())
-                    .arg(id)
-                    .arg(event.to_json())
-                    .arg(event.image)
-                    .arg(self.name.as_str())
-                    .arg(error)
-                    .arg(attempts)
-                    .arg(now)
-                    .arg(self.cfg.dead_letter_max)
-                    .arg(&finished)
-                    .arg(&event.job)
-                    .arg(&event.vendor)
-                    .arg(&progress)
-                    .arg(flag(event.slot))
-                    .key(&counters)
-                    .key(&minute)
-                    .key(keys.webhooks())
-                    .key(keys.webhook_outbox())
-                    .arg(field)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
+                DeadLetter {
+                    stage: self.name,
+                    entry_id: id,
+                    payload: &event.to_json(),
+                    job_id: Some(&event.job),
+                    vendor: &event.vendor,
+                    image: event.image,
+                    error,
+                    attempts: *attempts,
+                    held_slot: event.slot,
+                    max_len: self.cfg.dead_letter_max,
+                }
+                .run(&self.p)
+                .await?;
             }
             Step::Handoff(..) | Step::Park(..) | Step::Complete(_) => {
                 unreachable!("hand-offs, parks and completions run in batches")
             }
         }
+        Ok(0)
     }
 
     /// Dead-letters an entry whose event cannot even be read.
     async fn dead_letter_raw(&self, d: &Delivery, why: &str) {
         error!(stage = %self.name, entry = %d.id, why, "dead-lettering an unreadable entry");
-        let mut conn = self.p.conn.clone();
-        let r: redis::RedisResult<i64> = self
-            .p
-            .scripts
-            .dead
-            .key(&self.stream)
-            .key(self.p.keys.dead_letters())
-            .key(self.p.keys.job("unknown"))
-            .key(self.p.keys.admitted())
-            .arg(self.group())
-            .arg(&d.id)
-            .arg(d.payload.as_deref().unwrap_or(""))
-            .arg(0)
-            .arg(self.name.as_str())
-            .arg(why)
-            .arg(1)
-            .arg(now_ms())
-            .arg(self.cfg.dead_letter_max)
-            .arg(self.p.keys.finished_channel())
-            .arg("")
-            .arg("")
-            .arg(self.p.keys.progress_channel())
-            .arg(flag(false))
-            .key(self.p.keys.counters(self.name))
-            .key(self.p.keys.counters_minute(self.name, now_ms() / 60_000))
-            .key(self.p.keys.webhooks())
-            .key(self.p.keys.webhook_outbox())
-            .arg(crate::metrics::Counted::Dead.field())
-            .arg(crate::metrics::MINUTE_BUCKET_TTL_S)
-            .invoke_async(&mut conn)
-            .await;
+        let r = DeadLetter {
+            stage: self.name,
+            entry_id: &d.id,
+            payload: d.payload.as_deref().unwrap_or(""),
+            job_id: None,
+            vendor: "",
+            image: 0,
+            error: why,
+            attempts: 1,
+            held_slot: false,
+            max_len: self.cfg.dead_letter_max,
+        }
+        .run(&self.p)
+        .await;
         match r {
             Ok(_) => crate::metrics::record(self.name, crate::metrics::Counted::Dead),
             Err(e) => error!(error = %e, "dead-lettering failed; the entry stays pending"),
@@ -1250,7 +1195,7 @@ enum Step {
     Complete(ImageEvent),
     Retry {
         due_ms: u64,
-        status: &'static str,
+        waiting: Waiting,
         reason: String,
         attempts: u32,
         event: ImageEvent,
@@ -1267,10 +1212,7 @@ impl Step {
         use crate::metrics::Counted;
         match self {
             Step::Handoff(..) | Step::Park(..) | Step::Complete(_) => Counted::Processed,
-            Step::Retry {
-                status: "throttled", ..
-            } => Counted::Throttled,
-            Step::Retry { .. } => Counted::Retried,
+            Step::Retry { waiting, .. } => waiting.counted(),
             Step::Dead { .. } => Counted::Dead,
         }
     }

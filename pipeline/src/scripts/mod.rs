@@ -9,6 +9,12 @@
 
 use redis::Script;
 
+pub mod dead;
+pub mod retry;
+
+pub use dead::{DeadLetter, DeadLettered};
+pub use retry::{ScheduleRetry, Scheduled, Waiting};
+
 const LIB: &str = include_str!("lib.lua");
 const TRACK_KEYS: &str = include_str!("track_keys.lua");
 
