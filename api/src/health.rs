@@ -104,7 +104,8 @@ pub async fn queue_stats(
     Ok(Json(public_view(&s)?).into_response())
 }
 
-/// `GET /api/worker/health`: 503 if a stage has work and no live worker.
+/// `GET /api/worker/health`: 503 if a stage has work and no live worker,
+/// or Redis refuses writes (then no worker can move anything on).
 /// Live workers are counted per stage; who they are (consumer, host, pid)
 /// needs the admin key.
 pub async fn worker_health(
@@ -112,6 +113,10 @@ pub async fn worker_health(
     Extension(cache): Extension<StatsCache>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if let Err(e) = state.jobs.pipeline().probe_writable().await {
+        tracing::warn!(error = %e, "workers unhealthy: redis refused the probe");
+        return Err(ApiError::Unavailable);
+    }
     let s = cache.get(&state).await?;
     let mut live: HashMap<&str, usize> = HashMap::new();
     for w in &s.workers {

@@ -419,7 +419,7 @@ async fn redis_out_of_memory_answers_503_with_retry_after_and_not_ready() {
 }
 
 #[tokio::test]
-async fn a_redis_refusing_writes_is_not_ready() {
+async fn a_redis_refusing_writes_is_not_ready_and_workers_not_healthy() {
     let h = harness(ApiConfig::default()).await;
     let mut conn = h.p.conn.clone();
     // A replica of nothing is read-only: it answers PING, refuses writes.
@@ -431,6 +431,13 @@ async fn a_redis_refusing_writes_is_not_ready() {
         .unwrap();
     let ready = send(&h.app, req("GET", "/readyz", None).body(Body::empty()).unwrap()).await;
     ready.error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    // Nor are the workers healthy: none of them can move an image on.
+    let health = send(
+        &h.app,
+        req("GET", "/api/worker/health", None).body(Body::empty()).unwrap(),
+    )
+    .await;
+    health.error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     let _: () = redis::cmd("REPLICAOF")
         .arg("NO")
         .arg("ONE")
