@@ -442,16 +442,9 @@ pub async fn cancel(
     Ok(Json(job).into_response())
 }
 
-/// What `GET /api/image-queue/jobs?status=` accepts.
-const JOB_STATUSES: [&str; 7] = [
-    "active",
-    "queued",
-    "processing",
-    "completed",
-    "failed",
-    "partially_failed",
-    "cancelled",
-];
+/// `GET /api/image-queue/jobs?status=` accepts a job status or `active`
+/// (any unfinished job).
+const ACTIVE: &str = "active";
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -485,10 +478,13 @@ pub async fn list(
     // report, not a filter that silently matches nothing.
     let status = q.status.as_deref().filter(|s| !s.is_empty());
     if let Some(s) = status {
-        if !JOB_STATUSES.contains(&s) {
+        if s != ACTIVE && image_queue_pipeline::JobStatus::parse(s).is_none() {
+            let names: Vec<&str> = std::iter::once(ACTIVE)
+                .chain(image_queue_pipeline::JobStatus::ALL.iter().map(|j| j.as_str()))
+                .collect();
             return Err(ApiError::BadRequest(format!(
                 "unknown status {s:?}: one of {}",
-                JOB_STATUSES.join(", ")
+                names.join(", ")
             )));
         }
     }
@@ -508,7 +504,7 @@ pub async fn list(
             if let Some(job) = state.jobs.get(Some(&vendor.0), id).await? {
                 let wanted = match status {
                     None => true,
-                    Some("active") => !is_terminal(&job.status),
+                    Some(ACTIVE) => !is_terminal(&job.status),
                     Some(s) => job.status == s,
                 };
                 if wanted {

@@ -173,7 +173,7 @@ impl JobView {
 }
 
 pub fn is_terminal(status: &str) -> bool {
-    matches!(status, "completed" | "failed" | "partially_failed" | "cancelled")
+    crate::JobStatus::parse(status).is_some_and(crate::JobStatus::is_terminal)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,6 +28,7 @@ pub mod runner;
 pub mod scripts;
 pub mod stage;
 pub mod stats;
+pub mod status;
 pub mod trace;
 pub mod vendor_keys;
 pub mod webhooks;
@@ -41,6 +42,7 @@ pub use keys::Keys;
 pub use retry::RetryPolicy;
 pub use runner::{Pipeline, RunnerConfig};
 pub use stage::{ErrorClass, Outcome, Stage, StageError};
+pub use status::JobStatus;
 
 /// Milliseconds since the Unix epoch, by this host's clock.
 pub fn now_ms() -> u64 {

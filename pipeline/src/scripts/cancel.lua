@@ -7,7 +7,7 @@
 local v = redis.call('HMGET', KEYS[1], 'vendor', 'status')
 if not v[1] or v[1] ~= ARGV[1] then return 0 end
 local s = v[2]
-if s == 'completed' or s == 'failed' or s == 'partially_failed' or s == 'cancelled' then return -1 end
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_ms', ARGV[2], 'updated_ms', ARGV[2])
-redis.call('PUBLISH', ARGV[3], cjson.encode({job = ARGV[4], stage = 'job', status = 'cancelled'}))
+if JOB_ENDED[s] then return -1 end
+redis.call('HSET', KEYS[1], 'status', JOB.cancelled, 'cancelled_ms', ARGV[2], 'updated_ms', ARGV[2])
+redis.call('PUBLISH', ARGV[3], cjson.encode({job = ARGV[4], stage = 'job', status = JOB.cancelled}))
 return 1

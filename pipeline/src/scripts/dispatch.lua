@@ -182,7 +182,7 @@ for _, t in ipairs(takes) do
     queue.next = queue.next + 1
     redis.call('XADD', stream_of[item.stage], '*', 'e', item.payload)
     redis.call('HSET', item.job, item.i .. ':stage', item.stage, item.i .. ':status', 'processing',
-      'status', 'processing', 'updated_ms', now)
+      'status', JOB.processing, 'updated_ms', now)
     announced[#announced + 1] = '{"job":"' .. item.id .. '","image":' .. tonumber(item.i) ..
       ',"stage":"' .. item.stage .. '","status":"processing"}'
   end

@@ -71,7 +71,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
         else
           redis.call('XADD', target, '*', 'e', data)
           redis.call('HSET', job, i .. ':stage', detail, i .. ':status', 'processing',
-            'status', 'processing', 'updated_ms', now)
+            'status', JOB.processing, 'updated_ms', now)
           announced[#announced + 1] = note
           r = 1
         end

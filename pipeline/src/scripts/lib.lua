@@ -36,10 +36,10 @@ end
 
 -- The terminal status of a job all of whose images have ended.
 local function final_status(status, done, failed)
-  if status == 'cancelled' then return status end
-  if failed == 0 then return 'completed' end
-  if done == 0 then return 'failed' end
-  return 'partially_failed'
+  if status == JOB.cancelled then return status end
+  if failed == 0 then return JOB.completed end
+  if done == 0 then return JOB.failed end
+  return JOB.partially_failed
 end
 
 -- Tells the vendor's webhook, if it has one, that a job closed: in the
@@ -81,7 +81,7 @@ end
 -- For a cancelled job: records the image as skipped instead of moving it
 -- on. Returns true if the job was cancelled.
 local function skip_if_cancelled(job, i, status, now, channel, hooks, counter, admitted)
-  if status ~= 'cancelled' then return false end
+  if status ~= JOB.cancelled then return false end
   if counter then release_slot(counter, admitted) end
   redis.call('HSET', job, i .. ':status', 'cancelled', 'updated_ms', now)
   redis.call('HINCRBY', job, 'skipped', 1)

@@ -18,9 +18,11 @@ pub use retry::{ScheduleRetry, Scheduled, Waiting};
 const LIB: &str = include_str!("lib.lua");
 const TRACK_KEYS: &str = include_str!("track_keys.lua");
 
-/// A script with `lib.lua` in front, and `prelude` before that.
+/// A script with `lib.lua` in front, the statuses' tables before that
+/// (`status::lua_tables`), and `prelude` first.
 pub fn with_lib(prelude: &str, body: &str) -> Script {
-    Script::new(&format!("{prelude}\n{LIB}\n{body}"))
+    let statuses = crate::status::lua_tables();
+    Script::new(&format!("{prelude}\n{statuses}\n{LIB}\n{body}"))
 }
 
 /// `body` run so that naming a key not passed in KEYS is an error

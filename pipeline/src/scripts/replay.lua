@@ -14,7 +14,7 @@ if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
 local i = ARGV[3]
 local v = redis.call('HMGET', KEYS[3], 'status', i .. ':status')
 if not v[1] then return -1 end
-if v[1] == 'cancelled' then return -3 end
+if v[1] == JOB.cancelled then return -3 end
 if v[2] ~= 'failed' then return -2 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
@@ -23,8 +23,8 @@ redis.call('HINCRBY', KEYS[3], i .. ':replays', 1)
 redis.call('HSET', KEYS[3], i .. ':status', 'queued', i .. ':stage', ARGV[4],
   i .. ':attempts', 0, i .. ':error', '', i .. ':replayed_ms', ARGV[5], 'updated_ms', ARGV[5])
 local s = v[1]
-if s == 'completed' or s == 'failed' or s == 'partially_failed' then
-  redis.call('HSET', KEYS[3], 'status', 'processing')
+if JOB_ENDED[s] then
+  redis.call('HSET', KEYS[3], 'status', JOB.processing)
   redis.call('HDEL', KEYS[3], 'finished_ms')
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'dead_id', ARGV[1],

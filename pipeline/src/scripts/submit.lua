@@ -17,7 +17,7 @@ if idem then
   end
 end
 local n = tonumber(ARGV[6])
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'vendor', ARGV[2], 'status', 'queued', 'created_ms', ARGV[3],
+redis.call('HSET', KEYS[1], 'id', ARGV[1], 'vendor', ARGV[2], 'status', JOB.queued, 'created_ms', ARGV[3],
   'updated_ms', ARGV[3], 'images', n, 'ops', ARGV[5], 'done', 0, 'failed', 0, 'skipped', 0)
 -- Per-image fields go in slices: unpack() of a whole large job would pass
 -- Lua's limit on a call's arguments.
