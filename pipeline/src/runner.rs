@@ -37,7 +37,7 @@ pub use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::now_ms;
 use crate::retry::RetryPolicy;
-use crate::scripts::{DeadLetter, ScheduleRetry, Waiting};
+use crate::scripts::{DeadLetter, Finish, FinishBatch, Finished, ScheduleRetry, Waiting};
 use crate::stage::{ErrorClass, Outcome, Stage, StageError};
 
 /// How one stage runs in this process.
@@ -194,7 +194,7 @@ const MAX_FINISH_BATCH: usize = 256;
 struct Finishing {
     id: String,
     step: Step,
-    done: oneshot::Sender<Result<i64, String>>,
+    done: oneshot::Sender<Result<Finished, String>>,
 }
 
 /// A unique consumer name: host, pid and a random suffix, so two processes
@@ -676,20 +676,24 @@ impl StageRunner {
             }
             step => {
                 let attempt = || async { self.apply(id, &step).await };
-                attempt.retry(redis_outage()).await.map_err(|e| e.to_string())
+                attempt
+                    .retry(redis_outage())
+                    .await
+                    .map(|()| Finished::Moved)
+                    .map_err(|e| e.to_string())
             }
         };
         match r {
-            Ok(code) => {
+            Ok(finished) => {
                 crate::metrics::record(self.name, counted);
-                if code == FINISH_CLOSED_CLEAN {
+                if finished == Finished::Closed {
                     // A job with no failed image needs its blobs no more; a
                     // failed image's stay for replaying its dead letter,
                     // until the sweep (`blob_ttl_ms`) takes them.
                     if let Some(job) = job {
                         self.drop_blobs_of_completed(&job).await;
                     }
-                } else if parks && code == FINISH_MOVED {
+                } else if parks && finished == Finished::Moved {
                     self.parked.notify_one();
                 }
             }
@@ -729,109 +733,51 @@ impl StageRunner {
                         let one = std::slice::from_ref(&f);
                         let attempt = || async { self.finish_batch(one).await };
                         let r = attempt.retry(redis_outage()).when(is_outage).await;
-                        let _ = f.done.send(verdict(r, 1).map(|codes| codes[0]));
+                        let _ = f.done.send(verdict(r).map(|outcomes| outcomes[0]));
                     }
                 }
-                r => {
-                    let n = batch.len();
-                    match verdict(r, n) {
-                        Ok(codes) => {
-                            for (f, code) in batch.drain(..).zip(codes) {
-                                let _ = f.done.send(Ok(code));
-                            }
-                        }
-                        Err(why) => {
-                            for f in batch.drain(..) {
-                                let _ = f.done.send(Err(why.clone()));
-                            }
+                r => match verdict(r) {
+                    Ok(outcomes) => {
+                        for (f, outcome) in batch.drain(..).zip(outcomes) {
+                            let _ = f.done.send(Ok(outcome));
                         }
                     }
-                }
+                    Err(why) => {
+                        for f in batch.drain(..) {
+                            let _ = f.done.send(Err(why.clone()));
+                        }
+                    }
+                },
             }
         }
     }
 
-    /// Runs `finish.lua` for a batch; its codes, one per event.
-    async fn finish_batch(&self, batch: &[Finishing]) -> redis::RedisResult<Vec<i64>> {
-        let keys = &self.p.keys;
-        let now = now_ms();
-        let mut call = self.p.scripts.finish.prepare_invoke();
-        // Counted by the same script, so a duplicate delivery is never
-        // counted and counting costs no round trip of its own.
-        call.key(&self.stream)
-            .key(keys.admitted())
-            .key(keys.counters(self.name))
-            .key(keys.counters_minute(self.name, now / 60_000))
-            .key(keys.vendor_ring())
-            .key(keys.webhooks())
-            .key(keys.webhook_outbox())
-            .arg(self.group())
-            .arg(now)
-            .arg(keys.finished_channel())
-            .arg(keys.progress_channel())
-            .arg(crate::metrics::MINUTE_BUCKET_TTL_S);
-        for f in batch {
-            match &f.step {
-                Step::Handoff(next, ev) => {
-                    call.key(keys.job(&ev.job))
-                        .key(keys.stream(*next))
-                        .arg("h")
-                        .arg(&f.id)
-                        .arg(ev.image)
-                        .arg(flag(ev.slot))
-                        .arg(ev.to_json())
-                        .arg(next.as_str())
-                        .arg(progress_note(&ev.job, ev.image, next.as_str(), "processing"));
-                }
-                Step::Park(next, ev) => {
-                    let job_key = keys.job(&ev.job);
-                    let item = format!(
-                        "{}\t{}\t{}\t{}\t{}",
-                        next.as_str(),
-                        job_key,
-                        ev.job,
-                        ev.image,
-                        ev.to_json()
-                    );
-                    // A parked image takes its admission slot only when
-                    // the dispatcher admits it.
-                    call.key(job_key)
-                        .key(keys.vendor_queue(&ev.vendor))
-                        .arg("p")
-                        .arg(&f.id)
-                        .arg(ev.image)
-                        .arg(flag(false))
-                        .arg(item)
-                        .arg(&ev.vendor)
-                        .arg("");
-                }
-                Step::Complete(ev) => {
-                    let outputs: std::collections::BTreeMap<&str, &str> = ev
-                        .outputs
-                        .iter()
-                        .filter_map(|(k, o)| o.url.as_deref().map(|u| (k.as_str(), u)))
-                        .collect();
-                    let job_key = keys.job(&ev.job);
-                    call.key(&job_key)
-                        .key(&job_key)
-                        .arg("c")
-                        .arg(&f.id)
-                        .arg(ev.image)
-                        .arg(flag(ev.slot))
-                        .arg(serde_json::to_string(&outputs).unwrap_or_default())
-                        .arg(serde_json::Value::Object(ev.notes.clone()).to_string())
-                        .arg(progress_note(&ev.job, ev.image, "done", "completed"));
-                }
-                Step::Retry { .. } | Step::Dead { .. } => unreachable!("retries and dead letters run on their own"),
-            }
+    /// Runs `finish.lua` for a batch (`scripts/finish.rs`); one outcome per
+    /// event.
+    async fn finish_batch(&self, batch: &[Finishing]) -> redis::RedisResult<Vec<Finished>> {
+        let events: Vec<(&str, Finish)> = batch
+            .iter()
+            .map(|f| {
+                let finish = match &f.step {
+                    Step::Handoff(next, ev) => Finish::HandOff(*next, ev),
+                    Step::Park(next, ev) => Finish::Park(*next, ev),
+                    Step::Complete(ev) => Finish::Complete(ev),
+                    Step::Retry { .. } | Step::Dead { .. } => unreachable!("retries and dead letters run on their own"),
+                };
+                (f.id.as_str(), finish)
+            })
+            .collect();
+        FinishBatch {
+            stage: self.name,
+            events: &events,
         }
-        let mut conn = self.p.conn.clone();
-        call.invoke_async(&mut conn).await
+        .run(&self.p)
+        .await
     }
 
     /// Runs the script for a retry or a dead letter (`retry.rs`,
-    /// `dead.rs`); 0, as neither asks the caller for more.
-    async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<i64> {
+    /// `dead.rs`); neither asks the caller for more.
+    async fn apply(&self, id: &str, step: &Step) -> redis::RedisResult<()> {
         match step {
             Step::Retry {
                 due_ms,
@@ -872,7 +818,7 @@ impl StageRunner {
                 unreachable!("hand-offs, parks and completions run in batches")
             }
         }
-        Ok(0)
+        Ok(())
     }
 
     /// Dead-letters an entry whose event cannot even be read.
@@ -1303,11 +1249,6 @@ impl Reclaimer {
     }
 }
 
-/// `finish.lua`'s verdict on an event that moved on (or completed without
-/// closing its job), and on one that closed its job with no image failed.
-const FINISH_MOVED: i64 = 1;
-const FINISH_CLOSED_CLEAN: i64 = 3;
-
 /// How long a step keeps trying while Redis is unreachable (a restart, a
 /// failover) before the entry is left pending for a reclaim.
 fn redis_outage() -> ExponentialBuilder {
@@ -1331,26 +1272,8 @@ fn is_outage(e: &redis::RedisError) -> bool {
 }
 
 /// `finish.lua`'s codes for `n` events, or why there are none.
-fn verdict(r: redis::RedisResult<Vec<i64>>, n: usize) -> Result<Vec<i64>, String> {
-    match r {
-        Ok(codes) if codes.len() == n => Ok(codes),
-        Ok(codes) => Err(format!("finish.lua answered {} codes for {n} events", codes.len())),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// One transition on the progress channel, as `finish.lua` and
-/// `dispatch.lua` announce them (in JSON arrays, one per batch).
-fn progress_note(job: &str, image: u32, stage: &str, status: &str) -> String {
-    serde_json::json!({"job": job, "image": image, "stage": stage, "status": status}).to_string()
-}
-
-fn flag(b: bool) -> &'static str {
-    if b {
-        "1"
-    } else {
-        "0"
-    }
+fn verdict(r: redis::RedisResult<Vec<Finished>>) -> Result<Vec<Finished>, String> {
+    r.map_err(|e| e.to_string())
 }
 
 /// The trace id of an event's `traceparent`, for spans; empty if none.

@@ -10,9 +10,11 @@
 use redis::Script;
 
 pub mod dead;
+pub mod finish;
 pub mod retry;
 
 pub use dead::{DeadLetter, DeadLettered};
+pub use finish::{Finish, FinishBatch, Finished};
 pub use retry::{ScheduleRetry, Scheduled, Waiting};
 
 const LIB: &str = include_str!("lib.lua");
