@@ -183,8 +183,7 @@ for _, t in ipairs(takes) do
     redis.call('XADD', stream_of[item.stage], '*', 'e', item.payload)
     redis.call('HSET', item.job, item.i .. ':stage', item.stage, item.i .. ':status', 'processing',
       'status', JOB.processing, 'updated_ms', now)
-    announced[#announced + 1] = '{"job":"' .. item.id .. '","image":' .. tonumber(item.i) ..
-      ',"stage":"' .. item.stage .. '","status":"processing"}'
+    announced[#announced + 1] = progress_note(item.id, item.i, item.stage, 'processing')
   end
 end
 for v, n in pairs(taken) do redis.call('LTRIM', queue_of[v], n, -1) end

@@ -30,8 +30,14 @@ end
 -- Announces an image's stage transition on the progress channel, for the
 -- API's live event streams. Published inside the step that made the
 -- transition, so announcements arrive in the order the steps happened.
+-- One transition as the progress channel carries it (the same shape as
+-- finish.rs's `progress_note`, which finish.lua publishes in batches).
+local function progress_note(job, i, stage, status)
+  return cjson.encode({job = job, image = tonumber(i), stage = stage, status = status})
+end
+
 local function progress(channel, job, i, stage, status)
-  redis.call('PUBLISH', channel, cjson.encode({job = job, image = tonumber(i), stage = stage, status = status}))
+  redis.call('PUBLISH', channel, progress_note(job, i, stage, status))
 end
 
 -- The terminal status of a job all of whose images have ended.
