@@ -67,17 +67,7 @@ impl Stage for Noop {
 }
 
 pub(crate) async fn redis_cpu_seconds(p: &Pipeline) -> anyhow::Result<f64> {
-    let mut conn = p.conn.clone();
-    let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await?;
-    let mut total = 0.0;
-    for line in info.lines() {
-        if let Some((k, v)) = line.trim().split_once(':') {
-            if k == "used_cpu_sys" || k == "used_cpu_user" {
-                total += v.parse::<f64>().unwrap_or(0.0);
-            }
-        }
-    }
-    Ok(total)
+    Ok(p.redis_cpu_seconds().await?)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -123,18 +113,18 @@ pub(crate) fn nowhere(i: usize) -> Source {
 
 /// A pipeline on the user's Redis under a prefix of its own (removed by
 /// `cleanup`), with blobs in a temporary directory kept while the guard lives.
-pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, String, tempfile::TempDir)> {
+pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, tempfile::TempDir)> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir()?;
     let blobs = Arc::new(LocalBlobStore::new(dir.path())?);
     let p = Pipeline::connect(redis_url, &prefix, blobs)
         .await
         .context("connecting to Redis")?;
-    Ok((p, prefix, dir))
+    Ok((p, dir))
 }
 
 pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
-    let (p, prefix, _blobs_dir) = connect(&args.redis_url).await?;
+    let (p, _blobs_dir) = connect(&args.redis_url).await?;
     let jobs = JobStore::new(p.clone(), 3600).with_replication(image_queue_pipeline::ReplicationConfig {
         min_replicas: args.min_replicas,
         ..Default::default()
@@ -242,32 +232,14 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
         window: args.window,
         min_replicas: args.min_replicas,
     };
-    cleanup(&p, &prefix).await?;
+    cleanup(&p).await?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
 /// Removes every key the run made.
-pub(crate) async fn cleanup(p: &Pipeline, prefix: &str) -> anyhow::Result<()> {
-    let mut conn = p.conn.clone();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{{{prefix}}}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+pub(crate) async fn cleanup(p: &Pipeline) -> anyhow::Result<()> {
+    Ok(p.delete_every_key().await?)
 }
 
 pub struct FairnessArgs {
@@ -451,7 +423,7 @@ async fn fairness_run(
     admission: Admission,
     sources: Option<&RealSources>,
 ) -> anyhow::Result<FairnessRun> {
-    let (p, prefix, blobs_dir) = match sources {
+    let (p, blobs_dir) = match sources {
         // Real work reads the generated photographs: the run's blobs live
         // beside them.
         Some(src) => {
@@ -460,11 +432,11 @@ async fn fairness_run(
             let p = Pipeline::connect(&args.redis_url, &prefix, blobs)
                 .await
                 .context("connecting to Redis")?;
-            (p, prefix, None)
+            (p, None)
         }
         None => {
-            let (p, prefix, dir) = connect(&args.redis_url).await?;
-            (p, prefix, Some(dir))
+            let (p, dir) = connect(&args.redis_url).await?;
+            (p, Some(dir))
         }
     };
     let _blobs_dir = blobs_dir;
@@ -624,7 +596,7 @@ async fn fairness_run(
     let a_elapsed = a_started.elapsed();
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    cleanup(&p, &prefix).await?;
+    cleanup(&p).await?;
     let (window, window_reason) = match (admission, in_force) {
         (Admission::Fifo, _) => (0, "plain FIFO".to_string()),
         (_, Some(w)) => (w.window, w.reason),

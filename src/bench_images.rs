@@ -166,7 +166,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
         .collect();
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    crate::bench::cleanup(&p, &prefix).await?;
+    crate::bench::cleanup(&p).await?;
     let pipeline_images_per_s = args.images as f64 / elapsed;
     let result = ImagesResult {
         engine: engine.summary,

@@ -52,7 +52,7 @@ struct SharesResult {
 }
 
 pub async fn shares(args: SharesArgs) -> anyhow::Result<()> {
-    let (p, prefix, _blobs) = crate::bench::connect(&args.redis_url).await?;
+    let (p, _blobs) = crate::bench::connect(&args.redis_url).await?;
     let jobs = JobStore::new(p.clone(), 3600);
     for (vendor, weight) in VENDORS {
         jobs.set_weight(vendor, weight).await?;
@@ -120,7 +120,7 @@ pub async fn shares(args: SharesArgs) -> anyhow::Result<()> {
     };
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    crate::bench::cleanup(&p, &prefix).await?;
+    crate::bench::cleanup(&p).await?;
 
     let counted: u64 = counts.iter().sum();
     let weights: u32 = VENDORS.iter().map(|(_, w)| w).sum();

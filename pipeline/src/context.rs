@@ -40,6 +40,44 @@ impl Pipeline {
             .await
     }
 
+    /// The CPU seconds Redis has used (user and system), for benchmarks.
+    pub async fn redis_cpu_seconds(&self) -> redis::RedisResult<f64> {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(info
+            .lines()
+            .filter_map(|l| l.trim().split_once(':'))
+            .filter(|(k, _)| *k == "used_cpu_sys" || *k == "used_cpu_user")
+            .map(|(_, v)| v.parse::<f64>().unwrap_or(0.0))
+            .sum())
+    }
+
+    /// Deletes every key under this pipeline's prefix (a benchmark's
+    /// private prefix, when it is done; one node's keys, on a cluster).
+    pub async fn delete_every_key(&self) -> redis::RedisResult<()> {
+        let mut conn = self.conn.clone();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(self.keys.every_key_pattern())
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
     pub async fn connect(redis_url: &str, prefix: &str, blobs: Arc<dyn BlobStore>) -> redis::RedisResult<Pipeline> {
         let endpoint = Endpoint::parse(redis_url).map_err(|e| {
             redis::RedisError::from((

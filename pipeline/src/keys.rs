@@ -23,6 +23,11 @@ impl Keys {
     }
 
     /// The stream a stage consumes.
+    /// A `SCAN MATCH` pattern for every key under this prefix.
+    pub fn every_key_pattern(&self) -> String {
+        format!("{}:*", self.base)
+    }
+
     pub fn stream(&self, stage: StageName) -> String {
         format!("{}:stream:{}", self.base, stage.as_str())
     }
