@@ -202,8 +202,8 @@ impl Admission {
         })
     }
 
-    /// One read-plan-read-commit pass; `None` when the state changed
-    /// between the reads and the commit.
+    /// One read-plan-commit pass; `None` when the state changed between
+    /// the plan and the commit.
     async fn dispatch_once(&self) -> redis::RedisResult<Option<Dispatched>> {
         let keys = &self.p.keys;
         let window = self.window();
