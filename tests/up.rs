@@ -346,6 +346,28 @@ fn up_finds_the_model_in_its_data_directory_wherever_it_is_started() {
     };
     println!("{line}");
     assert!(line.contains("ms/image") && line.contains("images/s"), "{line}");
+    // And /metrics, per worker, named by an opaque tag, not its host.
+    let metrics = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{listen}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("image_queue_worker_inference_ms{") || l.starts_with("image_queue_worker_images_per_second{")
+        })
+        .collect();
+    assert_eq!(series.len(), 2, "{metrics}");
+    assert!(series.iter().all(|l| l.contains("stage=\"bg-removal\"")), "{series:?}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    assert!(
+        host.trim().is_empty() || !series.iter().any(|l| l.contains(host.trim())),
+        "{series:?}"
+    );
 }
 
 #[test]

@@ -77,6 +77,14 @@ pub fn install() -> &'static PrometheusHandle {
                 "Age of the oldest unfinished delivered entry",
             ),
             ("image_queue_dead_letters", "Entries in the dead-letter stream"),
+            (
+                "image_queue_worker_inference_ms",
+                "A bg-removal worker's recent model run time per image, in milliseconds",
+            ),
+            (
+                "image_queue_worker_images_per_second",
+                "A bg-removal worker's recent images per second",
+            ),
         ] {
             metrics::describe_gauge!(name, help);
         }
@@ -125,6 +133,20 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
         metrics::gauge!("image_queue_stage_oldest_pending_seconds", "stage" => stage)
             .set(st.oldest_pending_ms.unwrap_or(0) as f64 / 1000.0);
     }
+    // What a worker measures of its own work (bg-removal: inference time
+    // and rate, to size its pool by), per worker. The label is an opaque
+    // tag of the consumer: who and where it runs needs the admin key.
+    for w in &s.workers {
+        let worker = worker_tag(&w.consumer);
+        if let Some(ms) = w.measures.get("inference_ms") {
+            metrics::gauge!("image_queue_worker_inference_ms", "stage" => w.stage.clone(), "worker" => worker.clone())
+                .set(*ms);
+        }
+        if let Some(rate) = w.measures.get("images_per_s") {
+            metrics::gauge!("image_queue_worker_images_per_second", "stage" => w.stage.clone(), "worker" => worker)
+                .set(*rate);
+        }
+    }
     metrics::gauge!("image_queue_dead_letters").set(s.dead_letters as f64);
     if let Some(a) = &s.admission {
         metrics::gauge!("image_queue_admission_window").set(a.window as f64);
@@ -134,4 +156,15 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
         handle.render(),
     )
         .into_response())
+}
+
+/// A short opaque tag for a consumer name (FNV-1a), stable across API
+/// processes, so one worker is one series without naming its host.
+fn worker_tag(consumer: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in consumer.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
 }
