@@ -74,16 +74,6 @@ impl Keys {
         format!("{}:vendor-queue:{}", self.base, vendor)
     }
 
-    /// The prefix of every vendor queue, for the dispatch script.
-    pub fn vendor_queue_prefix(&self) -> String {
-        format!("{}:vendor-queue:", self.base)
-    }
-
-    /// The prefix of every stage stream, for the dispatch script.
-    pub fn stream_prefix(&self) -> String {
-        format!("{}:stream:", self.base)
-    }
-
     /// Round-robin ring (a list) of vendors with images waiting.
     pub fn vendor_ring(&self) -> String {
         format!("{}:vendor-ring", self.base)
