@@ -66,10 +66,6 @@ impl Stage for Noop {
     }
 }
 
-pub(crate) async fn redis_cpu_seconds(p: &Pipeline) -> anyhow::Result<f64> {
-    Ok(p.redis_cpu_seconds().await?)
-}
-
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -112,7 +108,7 @@ pub(crate) fn nowhere(i: usize) -> Source {
 }
 
 /// A pipeline on the user's Redis under a prefix of its own (removed by
-/// `cleanup`), with blobs in a temporary directory kept while the guard lives.
+/// `Pipeline::delete_every_key`), with blobs in a temporary directory kept while the guard lives.
 pub(crate) async fn connect(redis_url: &str) -> anyhow::Result<(Pipeline, tempfile::TempDir)> {
     let prefix = format!("bench-{:08x}", rand::random::<u32>());
     let dir = tempfile::tempdir()?;
@@ -175,7 +171,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
         (latencies, last)
     });
 
-    let cpu_before = redis_cpu_seconds(&p).await?;
+    let cpu_before = p.redis_cpu_seconds().await?;
     let started = Instant::now();
     let ops = vec![Operation::BgRemoval, Operation::FaceCrop, Operation::Resize];
     let submitters = if args.rate.is_some() { 1 } else { 16 };
@@ -216,7 +212,7 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
     let (mut latencies, last) = tokio::time::timeout(Duration::from_secs(600), collector)
         .await
         .context("jobs did not finish within 10 minutes")??;
-    let cpu_after = redis_cpu_seconds(&p).await?;
+    let cpu_after = p.redis_cpu_seconds().await?;
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
 
@@ -232,14 +228,9 @@ pub async fn pipeline(args: BenchArgs) -> anyhow::Result<()> {
         window: args.window,
         min_replicas: args.min_replicas,
     };
-    cleanup(&p).await?;
+    p.delete_every_key().await?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
-}
-
-/// Removes every key the run made.
-pub(crate) async fn cleanup(p: &Pipeline) -> anyhow::Result<()> {
-    Ok(p.delete_every_key().await?)
 }
 
 pub struct FairnessArgs {
@@ -596,7 +587,7 @@ async fn fairness_run(
     let a_elapsed = a_started.elapsed();
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    cleanup(&p).await?;
+    p.delete_every_key().await?;
     let (window, window_reason) = match (admission, in_force) {
         (Admission::Fifo, _) => (0, "plain FIFO".to_string()),
         (_, Some(w)) => (w.window, w.reason),

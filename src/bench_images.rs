@@ -127,7 +127,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
     let jobs = JobStore::new(p.clone(), 3600);
     let cpu_before = image_queue_stages::cpu_seconds();
     let process_before = process_cpu_seconds();
-    let redis_before = crate::bench::redis_cpu_seconds(&p).await?;
+    let redis_before = p.redis_cpu_seconds().await?;
     let started = Instant::now();
     let mut ids = Vec::new();
     // Jobs of ten, as a shop sends a product's photos.
@@ -156,7 +156,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let redis_cpu = crate::bench::redis_cpu_seconds(&p).await? - redis_before;
+    let redis_cpu = p.redis_cpu_seconds().await? - redis_before;
     let process_cpu = process_cpu_seconds() - process_before;
     let before: BTreeMap<_, _> = cpu_before.into_iter().collect();
     let per_image = |seconds: f64| seconds * 1000.0 / args.images as f64;
@@ -166,7 +166,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
         .collect();
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    crate::bench::cleanup(&p).await?;
+    p.delete_every_key().await?;
     let pipeline_images_per_s = args.images as f64 / elapsed;
     let result = ImagesResult {
         engine: engine.summary,

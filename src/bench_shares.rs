@@ -120,7 +120,7 @@ pub async fn shares(args: SharesArgs) -> anyhow::Result<()> {
     };
     shutdown.cancel();
     while runners.join_next().await.is_some() {}
-    crate::bench::cleanup(&p).await?;
+    p.delete_every_key().await?;
 
     let counted: u64 = counts.iter().sum();
     let weights: u32 = VENDORS.iter().map(|(_, w)| w).sum();

@@ -181,7 +181,7 @@ pub async fn window(args: WindowArgs) -> anyhow::Result<()> {
     for rt in [first, Some(second), added].into_iter().flatten() {
         rt.shutdown_background();
     }
-    crate::bench::cleanup(&p).await?;
+    p.delete_every_key().await?;
     println!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

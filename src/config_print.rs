@@ -193,17 +193,12 @@ fn mask_value(key: &str, v: &mut toml::Value) {
         toml::Value::String(s) if !s.is_empty() => {
             if is_secret_key(key) {
                 *s = MASK.into();
-            } else if let Some(masked) = mask_url_password(s) {
+            } else if let Some(masked) = image_queue_pipeline::endpoint::mask_passwords(s, MASK) {
                 *s = masked;
             }
         }
         _ => {}
     }
-}
-
-/// The URL with its password masked, when it has one.
-fn mask_url_password(s: &str) -> Option<String> {
-    image_queue_pipeline::endpoint::mask_passwords(s, MASK)
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ impl ConnectionLike for Conn {
 
 /// A connection to whichever node the Sentinels currently name primary.
 #[derive(Clone)]
-pub struct FollowingPrimary {
+struct FollowingPrimary {
     shared: Arc<Following>,
 }
 

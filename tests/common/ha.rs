@@ -19,6 +19,12 @@ async fn conn(port: u16) -> redis::RedisResult<redis::aio::MultiplexedConnection
         .await
 }
 
+/// `127.0.0.1:p1,127.0.0.1:p2,…`, the hosts of a multi-host URL.
+fn host_list(ports: &[u16]) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    hosts.join(",")
+}
+
 /// Polls `check` every 50 ms until it holds, failing with `what` after
 /// `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -79,8 +85,7 @@ impl SentinelSet {
 
     /// The URL every process is given.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.sentinel_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/{SERVICE}", hosts.join(","))
+        format!("redis+sentinel://{}/{SERVICE}", host_list(&self.sentinel_ports))
     }
 
     /// One Sentinel's process, for a holder that keeps it running (a test
@@ -250,8 +255,7 @@ impl LocalCluster {
     }
 
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+cluster://{}", hosts.join(","))
+        format!("redis+cluster://{}", host_list(&self.ports))
     }
 
     /// One node's process, for a holder that keeps it running (a test

@@ -208,9 +208,13 @@ impl Admission {
         let keys = &self.p.keys;
         let window = self.window();
         let mut conn = self.p.conn.clone();
-        let (admitted, ring_len): (Option<u64>, u64) = redis::pipe()
+        // Every vendor reached gives at least one image: no more than the
+        // free window's worth of vendors can be reached, and never more
+        // than the window's.
+        let (admitted, ring_len, mut head): (Option<u64>, u64, Vec<String>) = redis::pipe()
             .get(keys.admitted())
             .llen(keys.vendor_ring())
+            .lrange(keys.vendor_ring(), 0, window.max(1) as isize - 1)
             .query_async(&mut conn)
             .await?;
         let budget = window.saturating_sub(admitted.unwrap_or(0));
@@ -220,11 +224,7 @@ impl Admission {
                 vendors_waiting: ring_len,
             }));
         }
-        // Every vendor reached gives at least one image: no more than the
-        // budget's worth of vendors can be reached.
-        let head: Vec<String> = conn
-            .lrange(keys.vendor_ring(), 0, budget.min(ring_len) as isize - 1)
-            .await?;
+        head.truncate(budget as usize);
         let downstream: Vec<StageName> = StageName::ALL
             .into_iter()
             .filter(|s| *s != StageName::RateCheck)

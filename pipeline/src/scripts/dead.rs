@@ -6,6 +6,7 @@ use crate::context::Pipeline;
 use crate::event::StageName;
 use crate::metrics::{Counted, MINUTE_BUCKET_TTL_S};
 use crate::now_ms;
+use crate::scripts::flag;
 
 /// An image given up on: acknowledged in `stage`, appended to the
 /// dead-letter stream with why, and recorded as failed on its job.
@@ -66,7 +67,7 @@ impl DeadLetter<'_> {
             .arg(self.job_id.unwrap_or(""))
             .arg(self.vendor)
             .arg(keys.progress_channel())
-            .arg(if self.held_slot { "1" } else { "0" })
+            .arg(flag(self.held_slot))
             .arg(Counted::Dead.field())
             .arg(MINUTE_BUCKET_TTL_S)
             .invoke_async(&mut p.conn.clone())

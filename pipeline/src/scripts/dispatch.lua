@@ -59,6 +59,7 @@ if committing then
 end
 local len = redis.call('LLEN', ring)
 if budget <= 0 or len == 0 then return {0, len} end
+local planned_budget = budget
 local head = math.min(len, budget, h)
 local whole = head == len
 local vendors = redis.call('LRANGE', ring, 0, head - 1)
@@ -142,7 +143,7 @@ while budget > 0 and #active > 0 do
 end
 
 if not committing then
-  local out = {0, len, window - tonumber(redis.call('GET', KEYS[2]) or '0')}
+  local out = {0, len, planned_budget}
   for k = 1, head do
     local v = vendors[k]
     local n = taken[v] or 0

@@ -10,6 +10,7 @@ use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::metrics::MINUTE_BUCKET_TTL_S;
 use crate::now_ms;
+use crate::scripts::flag;
 
 /// What becomes of one event.
 pub enum Finish<'a> {
@@ -151,12 +152,4 @@ fn park_item(next: StageName, job_key: &str, ev: &ImageEvent) -> String {
 /// `dispatch.lua` announce them (in JSON arrays, one per batch).
 fn progress_note(job: &str, image: u32, stage: &str, status: &str) -> String {
     serde_json::json!({"job": job, "image": image, "stage": stage, "status": status}).to_string()
-}
-
-fn flag(b: bool) -> &'static str {
-    if b {
-        "1"
-    } else {
-        "0"
-    }
 }

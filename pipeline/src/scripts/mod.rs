@@ -20,6 +20,15 @@ pub use retry::{ScheduleRetry, Scheduled, Waiting};
 const LIB: &str = include_str!("lib.lua");
 const TRACK_KEYS: &str = include_str!("track_keys.lua");
 
+/// A yes/no argument as the scripts read it ('1' or '0').
+pub(crate) fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
 /// A script with `lib.lua` in front, the statuses' tables before that
 /// (`status::lua_tables`), and `prelude` first.
 pub fn with_lib(prelude: &str, body: &str) -> Script {

@@ -6,6 +6,7 @@ use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::metrics::{Counted, MINUTE_BUCKET_TTL_S};
 use crate::now_ms;
+use crate::scripts::flag;
 
 /// Why an image waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +86,7 @@ impl ScheduleRetry<'_> {
             .arg(keys.progress_channel())
             .arg(&self.event.job)
             .arg(self.stage.as_str())
-            .arg(if self.event.slot { "1" } else { "0" })
+            .arg(flag(self.event.slot))
             .arg(self.waiting.counted().field())
             .arg(MINUTE_BUCKET_TTL_S)
             .invoke_async(&mut p.conn.clone())
