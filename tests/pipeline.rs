@@ -214,7 +214,10 @@ async fn trimming_never_removes_a_pending_or_undelivered_entry() {
         .xack(&stream, "resize", &[&ids[0], &ids[1], &ids[2], &ids[4]])
         .await
         .unwrap();
-    let trimmed: i64 = p.scripts.trim.key(&stream).invoke_async(&mut conn).await.unwrap();
+    let trim = image_queue_pipeline::scripts::TrimAcknowledged {
+        stage: StageName::Resize,
+    };
+    let trimmed = trim.run(p).await.unwrap();
     assert_eq!(trimmed, 3, "entries below the oldest pending one go");
     let left: redis::streams::StreamRangeReply = conn.xrange_all(&stream).await.unwrap();
     let left: Vec<&str> = left.ids.iter().map(|e| e.id.as_str()).collect();
@@ -223,7 +226,7 @@ async fn trimming_never_removes_a_pending_or_undelivered_entry() {
     }
     // Once everything is acknowledged, only undelivered entries remain.
     let _: i64 = conn.xack(&stream, "resize", &[&ids[3], &ids[5]]).await.unwrap();
-    let _: i64 = p.scripts.trim.key(&stream).invoke_async(&mut conn).await.unwrap();
+    trim.run(p).await.unwrap();
     let left: redis::streams::StreamRangeReply = conn.xrange_all(&stream).await.unwrap();
     assert_eq!(left.ids.len(), 4);
     assert_eq!(left.ids[0].id, ids[6]);

@@ -217,6 +217,82 @@ async fn a_webhook_aimed_at_a_private_address_is_refused_not_retried() {
     while stages.join_next().await.is_some() {}
 }
 
+/// A notice whose deliverers keep dying on it (here: two that took it and
+/// vanished) is given up on after `max_deliveries`, its job saying why,
+/// instead of being taken over and sent for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notice_its_deliverers_keep_dying_on_is_given_up_not_sent_again() {
+    let env = TestEnv::start(Fsync::Off).await;
+    let (url, mut calls) = receiver(0).await;
+    Webhooks::new(env.pipeline.clone()).set("vendor-a", &url).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let mut stages = env.run_all_stages(fast_runner(4), shutdown.clone()).await;
+    let ids = env.submit("vendor-a", 1, 1, &[Operation::Resize], 64).await;
+    env.wait_terminal(&ids, Duration::from_secs(30)).await;
+
+    // Two deliverers take the notice in turn and die with it.
+    let outbox = env.pipeline.keys.webhook_outbox();
+    let mut conn = env.pipeline.conn.clone();
+    let _: redis::Value = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&outbox)
+        .arg("webhooks")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let read: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("webhooks")
+        .arg("ghost-1")
+        .arg("COUNT")
+        .arg(1)
+        .arg("STREAMS")
+        .arg(&outbox)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let id = read.keys[0].ids[0].id.clone();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&outbox)
+        .arg("webhooks")
+        .arg("ghost-2")
+        .arg(0)
+        .arg(&id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let delivery = tokio::spawn(run_deliveries(
+        env.pipeline.clone(),
+        sender(true),
+        WebhookDeliveryConfig {
+            claim_idle_ms: 200,
+            max_deliveries: 2,
+            ..fast_delivery()
+        },
+        shutdown.clone(),
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let record = loop {
+        let job = env.jobs.get(None, &ids[0]).await.unwrap().unwrap();
+        match job.webhook {
+            Some(w) => break w,
+            None if std::time::Instant::now() > deadline => panic!("no outcome recorded"),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(record.starts_with("failed: delivered 3 times"), "{record}");
+    assert!(calls.try_recv().is_err(), "a poison notice was sent again");
+    let left: u64 = redis::cmd("XLEN").arg(&outbox).query_async(&mut conn).await.unwrap();
+    assert_eq!(left, 0, "the given-up notice left the outbox");
+    shutdown.cancel();
+    delivery.await.unwrap().unwrap();
+    while stages.join_next().await.is_some() {}
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_doubtful_cutout_reaches_the_status_and_the_webhook_as_a_warning() {
     use image_queue_pipeline::blob::blob_key;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
 use crate::now_ms;
+use crate::scripts::{ReplayDeadLetter, ReplayOutcome};
 
 /// Most dead letters one list or purge looks at.
 pub const SCAN_MAX: usize = 100_000;
@@ -40,7 +41,7 @@ pub struct DeadLetter {
 impl DeadLetter {
     fn from_entry(id: String, mut f: HashMap<String, String>) -> DeadLetter {
         let mut take = |k: &str| f.remove(k).unwrap_or_default();
-        let payload = take("e");
+        let payload = take(crate::event::EVENT_FIELD);
         DeadLetter {
             stage: take("stage"),
             job: take("job"),
@@ -242,37 +243,25 @@ pub async fn replay(p: &Pipeline, id: &str, to: Option<StageName>) -> Result<Rep
     // Its dead-lettering released its admission slot; a replay bypasses the
     // window rather than release that slot a second time.
     event.slot = false;
-    let mut conn = p.conn.clone();
-    let r: i64 = p
-        .scripts
-        .replay
-        .key(p.keys.dead_letters())
-        .key(p.keys.stream(to))
-        .key(p.keys.job(&event.job))
-        .key(p.keys.replays())
-        .arg(id)
-        .arg(event.to_json())
-        .arg(event.image)
-        .arg(to.as_str())
-        .arg(now_ms())
-        .arg(REPLAY_LOG_MAX)
-        .arg(&event.job)
-        .arg(&event.vendor)
-        .arg(from.as_str())
-        .invoke_async(&mut conn)
-        .await?;
-    match r {
-        1 => Ok(Replayed {
+    let replay = ReplayDeadLetter {
+        dead_letter_id: id,
+        event: &event,
+        from,
+        to,
+        log_max: REPLAY_LOG_MAX,
+    };
+    match replay.run(p).await? {
+        ReplayOutcome::Replayed => Ok(Replayed {
             id: id.to_string(),
             job: event.job,
             image: event.image,
             from: from.as_str().into(),
             to: to.as_str().into(),
         }),
-        0 => Err(ReplayError::NotFound),
-        -1 => Err(ReplayError::JobGone),
-        -3 => Err(ReplayError::Cancelled),
-        _ => Err(ReplayError::NotFailed),
+        ReplayOutcome::NoSuchDeadLetter => Err(ReplayError::NotFound),
+        ReplayOutcome::JobGone => Err(ReplayError::JobGone),
+        ReplayOutcome::JobCancelled => Err(ReplayError::Cancelled),
+        ReplayOutcome::NotFailed => Err(ReplayError::NotFailed),
     }
 }
 

@@ -190,6 +190,10 @@ pub struct ImageEvent {
     pub traceparent: Option<String>,
 }
 
+/// The stream entry's field an event travels in (the scripts write it as
+/// `'e'`: one letter, since it is stored with every entry).
+pub const EVENT_FIELD: &str = "e";
+
 impl ImageEvent {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("events always serialize")

@@ -14,6 +14,8 @@ use crate::context::Pipeline;
 use crate::estimate::{self, QuotaConfig, StartEstimate};
 use crate::event::{EventKind, ImageEvent, Operation, Source, StageName, EVENT_VERSION};
 use crate::now_ms;
+use crate::scripts::CancelJob;
+use crate::status::{ImageStatus, JobStatus};
 
 #[derive(Debug, Clone)]
 pub struct NewImage {
@@ -176,12 +178,7 @@ pub fn is_terminal(status: &str) -> bool {
     crate::JobStatus::parse(status).is_some_and(crate::JobStatus::is_terminal)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cancelled {
-    Yes,
-    NotFound,
-    AlreadyEnded,
-}
+pub use crate::scripts::Cancelled;
 
 /// Reads and writes job records.
 #[derive(Clone)]
@@ -409,8 +406,12 @@ impl JobStore {
         }
         // A job still queued has no image started yet (the dispatcher marks
         // the job processing with its first one).
-        if view.status == "queued" {
-            let waiting = view.images.iter().filter(|i| i.status == "waiting").count() as u64;
+        if view.status == JobStatus::Queued.as_str() {
+            let waiting = view
+                .images
+                .iter()
+                .filter(|i| i.status == ImageStatus::Waiting.as_str())
+                .count() as u64;
             view.estimated_start = self
                 .estimate_start_behind(&view.vendor, &view.operations, waiting)
                 .await?;
@@ -451,23 +452,7 @@ impl JobStore {
         if !valid_job_id(id) {
             return Ok(Cancelled::NotFound);
         }
-        let mut conn = self.p.conn.clone();
-        let r: i64 = self
-            .p
-            .scripts
-            .cancel
-            .key(self.p.keys.job(id))
-            .arg(vendor)
-            .arg(now_ms())
-            .arg(self.p.keys.progress_channel())
-            .arg(id)
-            .invoke_async(&mut conn)
-            .await?;
-        Ok(match r {
-            1 => Cancelled::Yes,
-            -1 => Cancelled::AlreadyEnded,
-            _ => Cancelled::NotFound,
-        })
+        CancelJob { vendor, job_id: id }.run(&self.p).await
     }
 }
 
@@ -495,7 +480,7 @@ fn parse_job(f: &HashMap<String, String>) -> Option<JobView> {
                 error: get("error").filter(|e| !e.is_empty()),
                 resume_at_ms: get("resume_ms")
                     .and_then(|r| r.parse().ok())
-                    .filter(|_| get("status").as_deref() == Some("throttled")),
+                    .filter(|_| get("status").as_deref() == Some(ImageStatus::Throttled.as_str())),
                 outputs,
                 notes: get("notes").and_then(|n| serde_json::from_str(&n).ok()),
             }

@@ -13,6 +13,7 @@
 pub mod admission;
 pub mod blob;
 pub mod connection;
+pub mod consumer;
 pub mod context;
 pub mod dlq;
 pub mod endpoint;
@@ -42,7 +43,7 @@ pub use keys::Keys;
 pub use retry::RetryPolicy;
 pub use runner::{Pipeline, RunnerConfig};
 pub use stage::{ErrorClass, Outcome, Stage, StageError};
-pub use status::JobStatus;
+pub use status::{ImageStatus, JobStatus};
 
 /// Milliseconds since the Unix epoch, by this host's clock.
 pub fn now_ms() -> u64 {

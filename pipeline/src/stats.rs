@@ -172,7 +172,10 @@ pub async fn collect(p: &Pipeline) -> redis::RedisResult<PipelineStats> {
         sampled |= waiting.len() >= SAMPLE_MAX;
         let mut vendors: BTreeMap<String, u64> = BTreeMap::new();
         for (_, f) in &waiting {
-            if let Some(peek) = f.get("e").and_then(|e| serde_json::from_str::<Peek>(e).ok()) {
+            if let Some(peek) = f
+                .get(crate::event::EVENT_FIELD)
+                .and_then(|e| serde_json::from_str::<Peek>(e).ok())
+            {
                 *vendors.entry(peek.vendor).or_default() += 1;
             }
         }

@@ -25,18 +25,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::consumer::{Consumer, ConsumerSettings, Delivery, Work};
 use crate::context::Pipeline;
 use crate::now_ms;
 use crate::retry::RetryPolicy;
-use crate::runner::consumer_name;
+use crate::scripts::{PromoteWebhooks, SettleWebhook};
 use crate::stage::StageError;
 
 const GROUP: &str = "webhooks";
@@ -166,6 +164,9 @@ pub struct WebhookDeliveryConfig {
     /// over by another.
     pub claim_idle_ms: u64,
     pub read_block_ms: u64,
+    /// A notice delivered this many times without being settled (its
+    /// deliverers keep dying on it) is given up on.
+    pub max_deliveries: u64,
 }
 
 impl Default for WebhookDeliveryConfig {
@@ -182,157 +183,116 @@ impl Default for WebhookDeliveryConfig {
             },
             claim_idle_ms: 60_000,
             read_block_ms: 2_000,
+            max_deliveries: 10,
         }
     }
 }
 
 /// Delivers the outbox until `shutdown`; any number of these may run, on
-/// any hosts.
+/// any hosts. Reading, reclaiming a stopped process's notices, renewing
+/// claims and the stop are the [`Consumer`]'s; what a notice is, is here.
 pub async fn run_deliveries(
     p: Pipeline,
     sender: Arc<dyn WebhookSender>,
     cfg: WebhookDeliveryConfig,
     shutdown: CancellationToken,
 ) -> redis::RedisResult<()> {
-    let keys = &p.keys;
-    let outbox = keys.webhook_outbox();
-    let mut conn = p.conn.clone();
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&outbox)
-        .arg(GROUP)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await;
-    if let Err(e) = created {
-        if e.code() != Some("BUSYGROUP") {
-            return Err(e);
+    let settings = ConsumerSettings {
+        slots: cfg.concurrency.max(1),
+        per_slot: 1,
+        batch_wait: None,
+        // Short enough that due retries are promoted promptly.
+        read_block_ms: cfg.read_block_ms.min(1_000),
+        claim_idle_ms: cfg.claim_idle_ms,
+        reclaim_every_ms: (cfg.claim_idle_ms / 4).max(100),
+        max_deliveries: cfg.max_deliveries,
+        shutdown_grace_ms: SHUTDOWN_GRACE.as_millis() as u64,
+    };
+    let consumer = Consumer::new(p.clone(), p.keys.webhook_outbox(), GROUP, settings);
+    info!(consumer = consumer.name(), "delivering webhooks");
+    let outbox = Arc::new(Outbox {
+        p,
+        sender,
+        cfg,
+        busy: Mutex::default(),
+    });
+    consumer.run(outbox, shutdown).await.map(|_| ())
+}
+
+/// The outbox's notices as a consumer's work: each delivery runs on its
+/// own (a slot per delivery in flight) and is settled as soon as it
+/// finishes, a vendor holding at most `per_vendor_concurrency` slots.
+struct Outbox {
+    p: Pipeline,
+    sender: Arc<dyn WebhookSender>,
+    cfg: WebhookDeliveryConfig,
+    /// Deliveries in flight per vendor.
+    busy: Mutex<HashMap<String, usize>>,
+}
+
+impl Outbox {
+    /// Takes one of the vendor's delivery places, if it has one free.
+    fn take(&self, vendor: &str) -> bool {
+        let mut b = self.busy.lock().unwrap();
+        let n = b.entry(vendor.to_string()).or_insert(0);
+        let free = *n < self.cfg.per_vendor_concurrency.max(1);
+        if free {
+            *n += 1;
+        }
+        free
+    }
+
+    fn put_back(&self, vendor: &str) {
+        let mut b = self.busy.lock().unwrap();
+        if let Some(n) = b.get_mut(vendor) {
+            *n -= 1;
+            if *n == 0 {
+                b.remove(vendor);
+            }
         }
     }
-    let consumer = consumer_name();
-    let mut reader = p.blocking_connection().await?;
-    let mut claim_cursor = "0-0".to_string();
-    let mut next_claim = 0u64;
-    let cfg = Arc::new(cfg);
-    // Each delivery runs on its own and is settled as soon as it finishes:
-    // a slot is taken per delivery in flight, and a vendor holds at most
-    // `per_vendor_concurrency` of them.
-    let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-    let per_vendor = cfg.per_vendor_concurrency.max(1);
-    let busy: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
-    let mut in_flight = JoinSet::new();
-    info!(consumer, "delivering webhooks");
-    while !shutdown.is_cancelled() {
-        while let Some(done) = in_flight.try_join_next() {
-            if let Err(e) = done {
-                warn!(error = %e, "a webhook delivery task failed");
-            }
-        }
-        // Read only what there are free slots for; wait for one if none.
-        let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let mut permits = vec![first];
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
-            permits.push(permit);
-        }
-        let free = permits.len();
-        if let Err(e) = promote_due(&p).await {
-            warn!(error = %e, "promoting due webhook retries failed");
-        }
-        let mut entries = Vec::new();
-        let now = now_ms();
-        if now >= next_claim {
-            // Notices a stopped process was sending.
-            let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
-                .arg(&outbox)
-                .arg(GROUP)
-                .arg(&consumer)
-                .arg(cfg.claim_idle_ms)
-                .arg(&claim_cursor)
-                .arg("COUNT")
-                .arg(free)
-                .query_async(&mut conn)
-                .await;
-            if let Ok(r) = reply {
-                claim_cursor = r.next_stream_id.clone();
-                entries.extend(r.claimed);
-            }
-            next_claim = now + (cfg.claim_idle_ms / 4).max(100);
-        }
-        if entries.is_empty() {
-            // Short enough that due retries are promoted promptly.
-            let block = cfg.read_block_ms.min(1_000);
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP")
-                .arg(GROUP)
-                .arg(&consumer)
-                .arg("COUNT")
-                .arg(free)
-                .arg("BLOCK")
-                .arg(block)
-                .arg("STREAMS")
-                .arg(&outbox)
-                .arg(">");
-            let read = tokio::select! {
-                r = cmd.query_async::<Option<StreamReadReply>>(&mut reader) => r,
-                _ = shutdown.cancelled() => break,
-            };
-            match read {
-                Ok(r) => entries.extend(r.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids)),
-                Err(e) => {
-                    warn!(error = %e, "reading the webhook outbox failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = shutdown.cancelled() => break,
-                    }
-                    continue;
-                }
-            }
-        }
-        for entry in entries {
-            let vendor = entry.get::<String>("vendor").unwrap_or_default();
-            let taken = {
-                let mut b = busy.lock().unwrap();
-                let n = b.entry(vendor.clone()).or_insert(0);
-                let free = *n < per_vendor;
-                if free {
-                    *n += 1;
-                }
-                free
-            };
-            if !taken {
+}
+
+#[async_trait]
+impl Work for Outbox {
+    async fn handle(self: Arc<Self>, unit: Vec<Delivery>) {
+        for entry in unit {
+            let vendor = entry.field("vendor").unwrap_or_default();
+            if !self.take(&vendor) {
                 // The vendor's endpoint already has all it may: this notice
                 // goes back to the retry set for a moment, its attempt not
                 // counted, instead of holding a slot another vendor needs.
-                postpone(&p, &entry).await;
+                postpone(&self.p, &entry).await;
                 continue;
             }
-            let permit = permits.pop().expect("one slot per entry read");
-            let (p, sender, cfg, busy) = (p.clone(), sender.clone(), cfg.clone(), busy.clone());
-            in_flight.spawn(async move {
-                deliver_one(&p, sender.as_ref(), &cfg, entry).await;
-                drop(permit);
-                let mut b = busy.lock().unwrap();
-                if let Some(n) = b.get_mut(&vendor) {
-                    *n -= 1;
-                    if *n == 0 {
-                        b.remove(&vendor);
-                    }
-                }
-            });
+            deliver_one(&self.p, self.sender.as_ref(), &self.cfg, &entry).await;
+            self.put_back(&vendor);
         }
     }
-    // Deliveries under way get a moment to finish; any still running after
-    // it stay pending in the outbox, and a reclaim sends them again (which
-    // receivers deduplicate on the delivery id).
-    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async { while in_flight.join_next().await.is_some() {} });
-    if drained.await.is_err() {
-        in_flight.shutdown().await;
+
+    /// A notice whose deliverers keep dying on it is given up on, and its
+    /// job says so.
+    async fn poisoned(&self, entry: Delivery, delivered: u64) {
+        let job_id = entry.field("job").unwrap_or_default();
+        warn!(job = %job_id, delivered, "a webhook notice kept its deliverers from finishing; giving up on it");
+        let record = format!("failed: delivered {delivered} times without finishing");
+        let settled = SettleWebhook {
+            group: GROUP,
+            entry_id: &entry.id,
+            job_id: (!job_id.is_empty()).then_some(job_id.as_str()),
+            outcome: &record,
+            retry: None,
+        };
+        if let Err(e) = settled.run(&self.p).await {
+            warn!(error = %e, "settling a webhook delivery failed");
+        }
     }
-    Ok(())
+
+    async fn before_read(&self) {
+        if let Err(e) = promote_due(&self.p).await {
+            warn!(error = %e, "promoting due webhook retries failed");
+        }
+    }
 }
 
 /// How long deliveries under way may take to finish at shutdown.
@@ -344,14 +304,23 @@ const POSTPONE_MS: u64 = 500;
 /// Puts a notice back on the retry set for [`POSTPONE_MS`], acknowledged
 /// in the outbox, with the same attempt number and nothing written on the
 /// job. If Redis fails here the notice stays pending, for a reclaim.
-async fn postpone(p: &Pipeline, entry: &StreamId) {
-    let field = |k: &str| entry.get::<String>(k).unwrap_or_default();
+async fn postpone(p: &Pipeline, entry: &Delivery) {
+    let field = |k: &str| entry.field(k).unwrap_or_default();
     let member = serde_json::json!({
         "job": field("job"), "vendor": field("vendor"), "status": field("status"),
         "finished_ms": field("finished_ms").parse::<u64>().unwrap_or(0),
         "attempt": field("attempt").parse::<u32>().unwrap_or(1).max(1),
     });
-    let settled = settle(p, &entry.id, None, "", &member.to_string(), now_ms() + POSTPONE_MS).await;
+    let member = member.to_string();
+    let settled = SettleWebhook {
+        group: GROUP,
+        entry_id: &entry.id,
+        job_id: None,
+        outcome: "",
+        retry: Some((&member, now_ms() + POSTPONE_MS)),
+    }
+    .run(p)
+    .await;
     if let Err(e) = settled {
         warn!(error = %e, "postponing a webhook delivery failed");
     }
@@ -360,8 +329,8 @@ async fn postpone(p: &Pipeline, entry: &StreamId) {
 /// Sends one notice and settles it: acknowledged either way, with a retry
 /// scheduled when one is worth it. Left pending only if Redis itself
 /// failed, for a reclaim to pick up.
-async fn deliver_one(p: &Pipeline, sender: &dyn WebhookSender, cfg: &WebhookDeliveryConfig, entry: StreamId) {
-    let field = |k: &str| entry.get::<String>(k).unwrap_or_default();
+async fn deliver_one(p: &Pipeline, sender: &dyn WebhookSender, cfg: &WebhookDeliveryConfig, entry: &Delivery) {
+    let field = |k: &str| entry.field(k).unwrap_or_default();
     let (job_id, vendor, status) = (field("job"), field("vendor"), field("status"));
     let finished_ms: u64 = field("finished_ms").parse().unwrap_or(0);
     let attempt: u32 = field("attempt").parse().unwrap_or(1).max(1);
@@ -417,10 +386,15 @@ async fn deliver_one(p: &Pipeline, sender: &dyn WebhookSender, cfg: &WebhookDeli
         }
         _ => {}
     }
-    let keys = &p.keys;
-    let (member, due) = retry.unwrap_or_default();
-    let job = (!job_id.is_empty()).then(|| keys.job(&job_id));
-    let settled = settle(p, &entry.id, job, &record, &member, due).await;
+    let settled = SettleWebhook {
+        group: GROUP,
+        entry_id: &entry.id,
+        job_id: (!job_id.is_empty()).then_some(job_id.as_str()),
+        outcome: &record,
+        retry: retry.as_ref().map(|(member, due)| (member.as_str(), *due)),
+    }
+    .run(p)
+    .await;
     if let Err(e) = settled {
         // Left pending: a reclaim sends it again, which receivers dedupe.
         warn!(error = %e, "settling a webhook delivery failed");
@@ -436,35 +410,10 @@ enum Settled {
 
 /// Moves due retries back into the outbox, atomically per notice.
 async fn promote_due(p: &Pipeline) -> redis::RedisResult<u64> {
-    let mut conn = p.conn.clone();
-    p.scripts
-        .promote_webhooks
-        .key(p.keys.webhook_retries())
-        .key(p.keys.webhook_outbox())
-        .arg(now_ms())
-        .arg(100)
-        .invoke_async(&mut conn)
-        .await
-}
-
-/// `settle_webhook.lua`: acknowledges outbox entry `entry_id`, schedules
-/// `retry_member` at `due_ms` ('' for no retry) and writes `outcome` on
-/// the job record `job` when there is one. A job it does not know is
-/// left out of KEYS, not passed as an empty key (which a cluster refuses
-/// as a cross-slot call).
-async fn settle(
-    p: &Pipeline,
-    entry_id: &str,
-    job: Option<String>,
-    outcome: &str,
-    retry_member: &str,
-    due_ms: u64,
-) -> redis::RedisResult<()> {
-    let mut inv = p.scripts.settle_webhook.prepare_invoke();
-    inv.key(p.keys.webhook_outbox()).key(p.keys.webhook_retries());
-    if let Some(job) = job {
-        inv.key(job);
+    PromoteWebhooks {
+        now_ms: now_ms(),
+        most: 100,
     }
-    inv.arg(GROUP).arg(entry_id).arg(outcome).arg(retry_member).arg(due_ms);
-    inv.invoke_async(&mut p.conn.clone()).await
+    .run(p)
+    .await
 }

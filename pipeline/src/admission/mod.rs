@@ -6,9 +6,9 @@
 //! window has room (`dispatch.lua`), and correcting the window's counter
 //! from the true count of images in flight (`reconcile_admitted.lua`).
 //! Parking an image in its vendor's queue is part of the finisher's batch
-//! (`finish.lua`), since it acknowledges the rate-check entry. This module
-//! never reads streams or acknowledges entries; the runner decides when to
-//! call it. The window's size is `window`'s to choose, from the workers'
+//! (`finish.lua`), since it acknowledges the rate-check entry. Its
+//! dispatcher ([`Admission::run_dispatcher`]) runs beside rate-check's
+//! consumer. This module never reads streams or acknowledges entries. The window's size is `window`'s to choose, from the workers'
 //! heartbeats; this module keeps the current choice and publishes it.
 
 pub mod window;
@@ -16,8 +16,12 @@ pub mod window;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
 
 use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName};
@@ -296,6 +300,46 @@ impl Admission {
             moved: moved as u64,
             vendors_waiting: waiting.max(0) as u64,
         }))
+    }
+
+    /// The fair scheduler: keeps the admission window filled from vendors'
+    /// queues, and its size chosen, until `shutdown`. It runs at once when
+    /// `parked` is notified (this process parked an image), and polls
+    /// briefly while images wait (slots free up in other processes).
+    pub async fn run_dispatcher(&self, parked: &Notify, shutdown: CancellationToken) {
+        let mut failing = false;
+        let mut next_sizing = Instant::now();
+        loop {
+            if Instant::now() >= next_sizing {
+                next_sizing = Instant::now() + Duration::from_secs(1);
+                if let Err(e) = self.resize_window().await {
+                    debug!(error = %e, "sizing the admission window failed");
+                }
+            }
+            let r = self.dispatch().await;
+            let wait = match r {
+                Ok(d) if d.moved > 0 => {
+                    failing = false;
+                    continue;
+                }
+                Ok(d) if d.vendors_waiting > 0 => Duration::from_millis(2),
+                Ok(_) => Duration::from_millis(250),
+                Err(e) => {
+                    // Not only at debug: while dispatch fails, no vendor's
+                    // image is admitted. Once per failing streak.
+                    if !failing {
+                        warn!(error = %e, "dispatching failed");
+                    }
+                    failing = true;
+                    Duration::from_millis(250)
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = parked.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 }
 

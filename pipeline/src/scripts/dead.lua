@@ -16,8 +16,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], '*',
   'error', ARGV[6], 'attempts', ARGV[7], 'failed_ms', ARGV[8], 'e', ARGV[3])
 if redis.call('EXISTS', KEYS[3]) == 0 then return 0 end
 local i = ARGV[4]
-redis.call('HSET', KEYS[3], i .. ':status', 'failed', i .. ':error', ARGV[6],
+redis.call('HSET', KEYS[3], i .. ':status', IMAGE.failed, i .. ':error', ARGV[6],
   i .. ':attempts', ARGV[7], 'updated_ms', ARGV[8])
 redis.call('HINCRBY', KEYS[3], 'failed', 1)
-progress(ARGV[13], ARGV[11], i, ARGV[5], 'failed')
+progress(ARGV[13], ARGV[11], i, ARGV[5], IMAGE.failed)
 return close_job_if_done(KEYS[3], ARGV[8], ARGV[10], {registry = KEYS[7], outbox = KEYS[8]})

@@ -182,9 +182,9 @@ for _, t in ipairs(takes) do
     local item = queue.list[queue.next]
     queue.next = queue.next + 1
     redis.call('XADD', stream_of[item.stage], '*', 'e', item.payload)
-    redis.call('HSET', item.job, item.i .. ':stage', item.stage, item.i .. ':status', 'processing',
+    redis.call('HSET', item.job, item.i .. ':stage', item.stage, item.i .. ':status', IMAGE.processing,
       'status', JOB.processing, 'updated_ms', now)
-    announced[#announced + 1] = progress_note(item.id, item.i, item.stage, 'processing')
+    announced[#announced + 1] = progress_note(item.id, item.i, item.stage, IMAGE.processing)
   end
 end
 for v, n in pairs(taken) do redis.call('LTRIM', queue_of[v], n, -1) end

@@ -42,7 +42,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
       if n > 0 then
         local done = tonumber(v[2] or '0') + 1
         local failed, skipped = tonumber(v[3] or '0'), tonumber(v[4] or '0')
-        local fields = {i .. ':status', 'completed', i .. ':stage', 'done', i .. ':outputs', data,
+        local fields = {i .. ':status', IMAGE.completed, i .. ':stage', 'done', i .. ':outputs', data,
           i .. ':notes', detail, 'done', done, 'updated_ms', now}
         local status
         if done + failed + skipped >= n then
@@ -70,7 +70,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
           r = 2
         else
           redis.call('XADD', target, '*', 'e', data)
-          redis.call('HSET', job, i .. ':stage', detail, i .. ':status', 'processing',
+          redis.call('HSET', job, i .. ':stage', detail, i .. ':status', IMAGE.processing,
             'status', JOB.processing, 'updated_ms', now)
           announced[#announced + 1] = note
           r = 1
@@ -84,7 +84,7 @@ for e = 0, (#ARGV - 5) / 7 - 1 do
           if not redis.call('LPOS', ring, detail) then redis.call('RPUSH', ring, detail) end
           in_ring[detail] = true
         end
-        redis.call('HSET', job, i .. ':status', 'waiting', 'updated_ms', now)
+        redis.call('HSET', job, i .. ':status', IMAGE.waiting, 'updated_ms', now)
         r = 1
       end
     end

@@ -89,7 +89,7 @@ end
 local function skip_if_cancelled(job, i, status, now, channel, hooks, counter, admitted)
   if status ~= JOB.cancelled then return false end
   if counter then release_slot(counter, admitted) end
-  redis.call('HSET', job, i .. ':status', 'cancelled', 'updated_ms', now)
+  redis.call('HSET', job, i .. ':status', IMAGE.cancelled, 'updated_ms', now)
   redis.call('HINCRBY', job, 'skipped', 1)
   close_job_if_done(job, now, channel, hooks)
   return true

@@ -9,13 +9,27 @@
 
 use redis::Script;
 
+pub mod cancel;
 pub mod dead;
 pub mod finish;
+pub mod promote;
+pub mod promote_webhooks;
+pub mod reap_consumers;
+pub mod replay;
 pub mod retry;
+pub mod settle_webhook;
+pub mod trim;
 
+pub use cancel::{CancelJob, Cancelled};
 pub use dead::{DeadLetter, DeadLettered};
 pub use finish::{Finish, FinishBatch, Finished};
+pub use promote::{PromoteRetries, Promoted};
+pub use promote_webhooks::PromoteWebhooks;
+pub use reap_consumers::ReapConsumers;
+pub use replay::{ReplayDeadLetter, ReplayOutcome};
 pub use retry::{ScheduleRetry, Scheduled, Waiting};
+pub use settle_webhook::SettleWebhook;
+pub use trim::TrimAcknowledged;
 
 const LIB: &str = include_str!("lib.lua");
 const TRACK_KEYS: &str = include_str!("track_keys.lua");

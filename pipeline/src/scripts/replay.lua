@@ -15,12 +15,12 @@ local i = ARGV[3]
 local v = redis.call('HMGET', KEYS[3], 'status', i .. ':status')
 if not v[1] then return -1 end
 if v[1] == JOB.cancelled then return -3 end
-if v[2] ~= 'failed' then return -2 end
+if v[2] ~= IMAGE.failed then return -2 end
 redis.call('XADD', KEYS[2], '*', 'e', ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[3], 'failed', -1)
 redis.call('HINCRBY', KEYS[3], i .. ':replays', 1)
-redis.call('HSET', KEYS[3], i .. ':status', 'queued', i .. ':stage', ARGV[4],
+redis.call('HSET', KEYS[3], i .. ':status', IMAGE.queued, i .. ':stage', ARGV[4],
   i .. ':attempts', 0, i .. ':error', '', i .. ':replayed_ms', ARGV[5], 'updated_ms', ARGV[5])
 local s = v[1]
 if JOB_ENDED[s] then

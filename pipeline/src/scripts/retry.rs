@@ -7,6 +7,7 @@ use crate::event::{ImageEvent, StageName};
 use crate::metrics::{Counted, MINUTE_BUCKET_TTL_S};
 use crate::now_ms;
 use crate::scripts::flag;
+use crate::status::ImageStatus;
 
 /// Why an image waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,10 +20,10 @@ pub enum Waiting {
 
 impl Waiting {
     /// The image status the job record shows.
-    pub fn status(self) -> &'static str {
+    pub fn status(self) -> ImageStatus {
         match self {
-            Waiting::Retrying => "retrying",
-            Waiting::Throttled => "throttled",
+            Waiting::Retrying => ImageStatus::Retrying,
+            Waiting::Throttled => ImageStatus::Throttled,
         }
     }
 
@@ -78,7 +79,7 @@ impl ScheduleRetry<'_> {
             .arg(self.event.to_json())
             .arg(self.due_ms)
             .arg(self.event.image)
-            .arg(self.waiting.status())
+            .arg(self.waiting.status().as_str())
             .arg(self.reason)
             .arg(self.attempts)
             .arg(now)

@@ -26,7 +26,7 @@ for i = 0, n - 1 do
   local k = tostring(i)
   fields[#fields + 1] = k .. ':record'; fields[#fields + 1] = ARGV[8 + 2 * i]
   fields[#fields + 1] = k .. ':stage'; fields[#fields + 1] = 'rate-check'
-  fields[#fields + 1] = k .. ':status'; fields[#fields + 1] = 'queued'
+  fields[#fields + 1] = k .. ':status'; fields[#fields + 1] = IMAGE.queued
   if #fields >= 600 or i == n - 1 then
     redis.call('HSET', KEYS[1], unpack(fields))
     fields = {}
