@@ -464,11 +464,7 @@ async fn fairness_run(
             (StageName::Resize, Some(_)) => {
                 let ctx = image_queue_stages::StageContext {
                     blobs: p.blobs.clone(),
-                    fetcher: Arc::new(
-                        image_queue_stages::FetchConfig::default()
-                            .build()
-                            .map_err(anyhow::Error::msg)?,
-                    ),
+                    fetcher: Arc::new(image_queue_stages::FetchConfig::default().build()?),
                 };
                 Arc::new(
                     image_queue_stages::ResizeConfig::default()

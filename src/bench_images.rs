@@ -85,8 +85,7 @@ pub async fn images(redis_url: &str, mut config: Config, args: ImagesArgs) -> an
         runtime,
         onnxruntime_library.as_deref(),
         &onnxruntime.settings(),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     let concurrency = config.concurrency(StageName::BgRemoval);
 
     // The engine alone, on the same photographs, decoded beforehand.
@@ -215,7 +214,7 @@ fn read_photos(dir: &Path) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
 fn raw_rate(model: &U2net, images: &[DynamicImage], n: usize, concurrency: usize) -> anyhow::Result<f64> {
     // One round first: the sessions are warm, and so are the caches.
     for img in images {
-        model.cutout(img).map_err(anyhow::Error::msg)?;
+        model.cutout(img)?;
     }
     let next = AtomicUsize::new(0);
     let started = Instant::now();
@@ -227,7 +226,7 @@ fn raw_rate(model: &U2net, images: &[DynamicImage], n: usize, concurrency: usize
                     if i >= n {
                         return Ok::<(), anyhow::Error>(());
                     }
-                    model.cutout(&images[i % images.len()]).map_err(anyhow::Error::msg)?;
+                    model.cutout(&images[i % images.len()])?;
                 })
             })
             .collect();

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use image_queue_pipeline::StageName;
 
 use crate::ops;
 
@@ -51,8 +52,8 @@ pub enum Command {
     /// Run one stage's worker; start more, on any host, to scale a hot stage.
     Worker {
         /// rate-check, bg-removal, face-crop, resize, upload or db-commit.
-        #[arg(long)]
-        stage: String,
+        #[arg(long, value_parser = stage_name)]
+        stage: StageName,
         /// Events handled at once by this process (default per stage: `image-queue config` shows them).
         #[arg(long)]
         concurrency: Option<usize>,
@@ -229,4 +230,10 @@ pub enum VendorAction {
         #[arg(long, conflicts_with = "url")]
         remove: bool,
     },
+}
+
+/// A stage by its name, for `--stage`.
+fn stage_name(s: &str) -> Result<StageName, String> {
+    StageName::parse(s)
+        .ok_or_else(|| format!("no stage {s:?}: rate-check, bg-removal, face-crop, resize, upload or db-commit"))
 }

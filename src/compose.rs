@@ -33,7 +33,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
         (config.redis_url.clone(), false)
     };
     let blobs: Arc<dyn BlobStore> = match &config.blobs {
-        Some(s3) => Arc::new(s3.build().map_err(anyhow::Error::msg)?),
+        Some(s3) => Arc::new(s3.build()?),
         None => Arc::new(
             LocalBlobStore::new(config.blob_dir())
                 .with_context(|| format!("creating the blob directory {}", config.blob_dir().display()))?,
@@ -64,7 +64,7 @@ pub fn redact(url: &str) -> String {
 }
 
 pub async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyhow::Result<Arc<dyn Stage>> {
-    let fetcher: Fetcher = config.fetch.build().map_err(|e| anyhow::anyhow!(e))?;
+    let fetcher: Fetcher = config.fetch.build()?;
     let ctx = StageContext {
         blobs: p.blobs.clone(),
         fetcher: Arc::new(fetcher),
@@ -75,8 +75,7 @@ pub async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyh
         StageName::BgRemoval => Arc::new(
             config
                 .bg_removal
-                .build(ctx, limits)
-                .map_err(|e| anyhow::anyhow!(e))?
+                .build(ctx, limits)?
                 .on_doubtful_mask(config.on_doubtful_mask),
         ),
         StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
@@ -124,7 +123,7 @@ pub async fn serve_api_on(
             // Uploads and URLs are screened at the door by the rules the
             // stages apply later, so both agree.
             decode: config.decode.clone(),
-            url_policy: config.fetch.address_policy().map_err(anyhow::Error::msg)?,
+            url_policy: config.fetch.address_policy()?,
             ..config.api.clone()
         },
         progress: ProgressHub::new(p.clone()),
@@ -138,7 +137,7 @@ pub async fn serve_api_on(
 /// Delivers vendors' webhooks until shutdown, through the same address
 /// rules as image fetching.
 pub async fn deliver_webhooks(config: &Config, p: Pipeline, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let fetcher = config.fetch.build().map_err(anyhow::Error::msg)?;
+    let fetcher = config.fetch.build()?;
     let sender = Arc::new(HttpWebhookSender::new(fetcher));
     run_deliveries(p, sender, config.webhooks.clone(), shutdown).await?;
     Ok(())

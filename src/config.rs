@@ -34,7 +34,7 @@ pub struct Config {
     /// `data_dir`; the other commands need one.
     pub redis_url: String,
     /// Fsync policy of the embedded Redis: `always` or `everysec`.
-    pub redis_fsync: String,
+    pub redis_fsync: RedisFsync,
     /// Replicas a submitted job must reach before it is accepted.
     pub redis: image_queue_pipeline::ReplicationConfig,
     /// Results database: `sqlite://…`, `mysql://…` or `postgres://…`.
@@ -90,7 +90,7 @@ impl Default for Config {
             public_url: String::new(),
             data_dir: PathBuf::from("./data"),
             redis_url: String::new(),
-            redis_fsync: "always".into(),
+            redis_fsync: RedisFsync::Always,
             redis: Default::default(),
             database_url: String::new(),
             key_prefix: "iq".into(),
@@ -113,6 +113,26 @@ impl Default for Config {
             db_commit: DbCommitConfig::default(),
             upload: None,
             webhooks: WebhookDeliveryConfig::default(),
+        }
+    }
+}
+
+/// How the embedded Redis persists what it acknowledges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisFsync {
+    /// Every write on disk before it is acknowledged: nothing accepted is
+    /// lost on a crash.
+    Always,
+    /// Once a second: up to about a second of writes may be lost.
+    Everysec,
+}
+
+impl From<RedisFsync> for image_queue_pipeline::redis_server::Fsync {
+    fn from(f: RedisFsync) -> Self {
+        match f {
+            RedisFsync::Always => Self::Always,
+            RedisFsync::Everysec => Self::EverySec,
         }
     }
 }
@@ -169,9 +189,6 @@ impl Config {
             if *n == 0 {
                 bail!("concurrency.{stage} must be at least 1");
             }
-        }
-        if !matches!(self.redis_fsync.as_str(), "always" | "everysec") {
-            bail!("redis_fsync must be always or everysec");
         }
         Ok(())
     }
@@ -330,6 +347,22 @@ mod tests {
         assert_eq!(c.concurrency(StageName::BgRemoval), 6);
         assert_eq!(c.concurrency(StageName::Resize), 5);
         assert_eq!(c.redis_url, "redis://x/");
+    }
+
+    #[test]
+    fn the_fsync_policy_is_one_of_two_and_concurrency_is_set_per_stage() {
+        let c: Config = toml::from_str("redis_fsync = \"everysec\"\n").unwrap();
+        assert_eq!(c.redis_fsync, RedisFsync::Everysec);
+        let e = toml::from_str::<Config>("redis_fsync = \"sometimes\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("always") && e.to_string().contains("everysec"),
+            "{e}"
+        );
+        // A key nothing would honour is refused, not ignored.
+        let e = toml::from_str::<Config>("[pipeline]\nconcurrency = 9\n").unwrap_err();
+        assert!(e.to_string().contains("concurrency"), "{e}");
+        let c: Config = toml::from_str("[concurrency]\nresize = 9\n").unwrap();
+        assert_eq!(c.runner(StageName::Resize).concurrency, 9);
     }
 
     #[test]

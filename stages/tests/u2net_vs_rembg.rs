@@ -55,7 +55,9 @@ async fn in_process_mask_matches_rembgs() {
         provider: ExecutionProvider::Cuda,
         ..settings(1, 1)
     };
-    let e = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &cuda).unwrap_err();
+    let e = U2net::shared_with(&model_path, Runtime::Onnxruntime, Some(&library), &cuda)
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("no CUDA execution provider") && e.contains("onnxruntime-gpu"),
         "{e}"
