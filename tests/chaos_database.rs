@@ -31,47 +31,33 @@ async fn a_database_outage_of_20_s_loses_and_duplicates_nothing() {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
     let outage = Duration::from_secs(20);
-    let started = Instant::now();
-
-    let (accepted, (outages, down_for)) = with_faults(
+    let ran = run(c, 4, |stop| {
+        let db = db.clone();
         async move {
-            let ids = c.submit_load(load, 4, spread).await;
-            wait_terminal(c, &ids, Duration::from_secs(240)).await;
-            ids
-        },
-        |stop| {
-            let db = db.clone();
-            async move {
-                let (mut outages, mut down_for) = (0usize, Duration::ZERO);
-                // Once results are flowing; heavy runs do it again for as
-                // long as work is left.
-                while outages == 0 || heavy() {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(3)) => {}
-                    }
-                    let d = db.clone();
-                    tokio::task::spawn_blocking(move || d.lock().unwrap().stop())
-                        .await
-                        .unwrap();
-                    let down = Instant::now();
-                    tokio::time::sleep(outage).await;
-                    let d = db.clone();
-                    tokio::task::spawn_blocking(move || d.lock().unwrap().restart())
-                        .await
-                        .unwrap();
-                    outages += 1;
-                    down_for += down.elapsed();
-                    c.assert_workers_alive().await;
-                }
-                (outages, down_for)
+            let (mut outages, mut down_for) = (0usize, Duration::ZERO);
+            // Once results are flowing; heavy runs do it again for as
+            // long as work is left.
+            while (outages == 0 || heavy()) && pause(&stop, Duration::from_secs(3)).await {
+                let d = db.clone();
+                tokio::task::spawn_blocking(move || d.lock().unwrap().stop())
+                    .await
+                    .unwrap();
+                let down = Instant::now();
+                tokio::time::sleep(outage).await;
+                let d = db.clone();
+                tokio::task::spawn_blocking(move || d.lock().unwrap().restart())
+                    .await
+                    .unwrap();
+                outages += 1;
+                down_for += down.elapsed();
+                c.assert_workers_alive().await;
             }
-        },
-    )
+            (outages, down_for)
+        }
+    })
     .await;
-    let flowed = started.elapsed();
+    let (accepted, (outages, down_for), flowed) = (ran.accepted, ran.faults, ran.flowed);
 
     c.assert_workers_alive().await;
     let checked = check_invariants(

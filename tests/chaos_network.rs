@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos::*;
 use rand::{Rng, SeedableRng};
@@ -134,58 +134,40 @@ async fn delays_stalls_and_resets_between_workers_and_redis_lose_and_duplicate_n
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
-    let started = Instant::now();
-
-    let (accepted, injected) = with_faults(
-        async move {
-            let ids = c.submit_load(load, 4, spread).await;
-            wait_terminal(c, &ids, Duration::from_secs(240)).await;
-            ids
-        },
-        |stop| async move {
-            let mut rng = rand::rngs::StdRng::from_os_rng();
-            let mut injected = Injected::default();
-            loop {
-                let pause = Duration::from_millis(rng.random_range(500..1_500));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
+    let ran = run(c, 4, |stop| async move {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let mut injected = Injected::default();
+        while pause(&stop, Duration::from_millis(rng.random_range(500..1_500))).await {
+            // The kinds take turns (their lengths stay random), so that
+            // the 15 s over which the load is submitted always see at
+            // least six faults: at the longest, a turn of all three
+            // takes 7.5 s.
+            let lasts = match (injected.delays + injected.stalls + injected.resets) % 3 {
+                0 => {
+                    injected.delays += 1;
+                    proxy.set(Fault::Delay(Duration::from_millis(rng.random_range(20..200))));
+                    Duration::from_millis(rng.random_range(1_000..2_000))
                 }
-                // The kinds take turns (their lengths stay random), so that
-                // the 15 s over which the load is submitted always see at
-                // least six faults: at the longest, a turn of all three
-                // takes 7.5 s.
-                let lasts = match (injected.delays + injected.stalls + injected.resets) % 3 {
-                    0 => {
-                        injected.delays += 1;
-                        proxy.set(Fault::Delay(Duration::from_millis(rng.random_range(20..200))));
-                        Duration::from_millis(rng.random_range(1_000..2_000))
-                    }
-                    1 => {
-                        injected.stalls += 1;
-                        proxy.set(Fault::Stall(rng.random_range(0..2)));
-                        // Longer than the claim idle time (1.5 s).
-                        Duration::from_millis(rng.random_range(2_000..4_000))
-                    }
-                    _ => {
-                        injected.resets += 1;
-                        proxy.reset_all();
-                        Duration::ZERO
-                    }
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => {}
-                    _ = tokio::time::sleep(lasts) => {}
+                1 => {
+                    injected.stalls += 1;
+                    proxy.set(Fault::Stall(rng.random_range(0..2)));
+                    // Longer than the claim idle time (1.5 s).
+                    Duration::from_millis(rng.random_range(2_000..4_000))
                 }
-                proxy.set(Fault::Pass);
-                c.assert_workers_alive().await;
-            }
-            injected
-        },
-    )
+                _ => {
+                    injected.resets += 1;
+                    proxy.reset_all();
+                    Duration::ZERO
+                }
+            };
+            pause(&stop, lasts).await;
+            proxy.set(Fault::Pass);
+            c.assert_workers_alive().await;
+        }
+        injected
+    })
     .await;
-    let flowed = started.elapsed();
+    let (accepted, injected, flowed) = (ran.accepted, ran.faults, ran.flowed);
 
     c.assert_workers_alive().await;
     let checked = check_invariants(

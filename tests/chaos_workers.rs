@@ -7,7 +7,7 @@
 mod chaos;
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos::*;
 use rand::{Rng, SeedableRng};
@@ -20,33 +20,18 @@ async fn workers_killed_at_random_lose_and_duplicate_nothing() {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
-    let started = Instant::now();
-
-    let (accepted, (kills, orphaned)) = with_faults(
-        async move {
-            let ids = c.submit_load(load, 4, spread).await;
-            wait_terminal(c, &ids, Duration::from_secs(240)).await;
-            ids
-        },
-        |stop| async move {
-            let mut rng = rand::rngs::StdRng::from_os_rng();
-            let (mut kills, mut orphaned) = (0usize, 0usize);
-            loop {
-                let pause = Duration::from_millis(rng.random_range(1_000..2_000));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                let (_, n) = c.kill_random_worker(&mut rng).await;
-                kills += 1;
-                orphaned += n;
-            }
-            (kills, orphaned)
-        },
-    )
+    let ran = run(c, 4, |stop| async move {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let (mut kills, mut orphaned) = (0usize, 0usize);
+        while pause(&stop, Duration::from_millis(rng.random_range(1_000..2_000))).await {
+            let (_, n) = c.kill_random_worker(&mut rng).await;
+            kills += 1;
+            orphaned += n;
+        }
+        (kills, orphaned)
+    })
     .await;
-    let flowed = started.elapsed();
+    let (accepted, (kills, orphaned), flowed) = (ran.accepted, ran.faults, ran.flowed);
 
     let checked = check_invariants(
         c,

@@ -775,3 +775,47 @@ where
     };
     tokio::join!(w, f)
 }
+
+/// What a chaos run did: the jobs accepted, the faults' own report, and how
+/// long the load took from the first submit to its last job's end.
+pub struct Ran<R> {
+    pub accepted: Vec<String>,
+    pub faults: R,
+    pub flowed: Duration,
+}
+
+/// The scaffold the chaos tests share: the standard load, submitted by
+/// `parallel` clients over 15 s (60 s with `CHAOS_HEAVY`), waited to its
+/// end, while `faults` runs until then (it gets the token that says the
+/// load is done). Each test states only its fault and its check.
+pub async fn run<F, Fut>(c: &Cluster, parallel: usize, faults: F) -> Ran<Fut::Output>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future,
+{
+    let load = Load::standard();
+    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
+    let started = std::time::Instant::now();
+    let (accepted, faults) = with_faults(
+        async move {
+            let ids = c.submit_load(load, parallel, spread).await;
+            wait_terminal(c, &ids, Duration::from_secs(240)).await;
+            ids
+        },
+        faults,
+    )
+    .await;
+    Ran {
+        accepted,
+        faults,
+        flowed: started.elapsed(),
+    }
+}
+
+/// Waits `d`, or less if `stop` comes first; false when it came.
+pub async fn pause(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
