@@ -465,11 +465,9 @@ async fn fairness_run(
                 let ctx = image_queue_stages::StageContext {
                     blobs: p.blobs.clone(),
                     fetcher: Arc::new(image_queue_stages::FetchConfig::default().build()?),
+                    limits: image_queue_stages::decode::DecodeLimits::default(),
                 };
-                Arc::new(
-                    image_queue_stages::ResizeConfig::default()
-                        .build(ctx, image_queue_stages::decode::DecodeLimits::default()),
-                )
+                Arc::new(image_queue_stages::ResizeConfig::default().build(ctx)?)
             }
             (StageName::Resize, None) => Arc::new(Mixed(name, args.work.clone())),
             _ => Arc::new(Noop(name, Duration::ZERO)),

@@ -68,18 +68,13 @@ pub async fn build_stage(name: StageName, config: &Config, p: &Pipeline) -> anyh
     let ctx = StageContext {
         blobs: p.blobs.clone(),
         fetcher: Arc::new(fetcher),
+        limits: config.decode.clone(),
     };
-    let limits = config.decode.clone();
     Ok(match name {
-        StageName::RateCheck => Arc::new(config.rate_check.build()),
-        StageName::BgRemoval => Arc::new(
-            config
-                .bg_removal
-                .build(ctx, limits)?
-                .on_doubtful_mask(config.on_doubtful_mask),
-        ),
-        StageName::FaceCrop => Arc::new(config.face_crop.build(ctx, limits)),
-        StageName::Resize => Arc::new(config.resize.build(ctx, limits)),
+        StageName::RateCheck => Arc::new(config.rate_check.build(ctx)?),
+        StageName::BgRemoval => Arc::new(config.bg_removal.build(ctx)?.on_doubtful_mask(config.on_doubtful_mask)),
+        StageName::FaceCrop => Arc::new(config.face_crop.build(ctx)?),
+        StageName::Resize => Arc::new(config.resize.build(ctx)?),
         StageName::Upload => {
             let upload = config.upload.clone().unwrap_or_else(|| UploadConfig::Local {
                 dir: config.media_dir(),

@@ -26,6 +26,7 @@ async fn a_real_jobs_images_land_in_an_s3_bucket() {
     let ctx = StageContext {
         blobs: env.pipeline.blobs.clone(),
         fetcher: Arc::new(FetchConfig::default().build().unwrap()),
+        limits: image_queue_stages::decode::DecodeLimits::default(),
     };
     let upload = UploadConfig::S3 {
         bucket: BUCKET.into(),

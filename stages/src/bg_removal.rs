@@ -248,7 +248,7 @@ impl BgRemovalConfig {
 
     /// Builds the stage; fails on a configuration that cannot work (no
     /// rembg URL, a missing model), so a worker refuses to start with it.
-    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> Result<BgRemovalStage, BgRemovalConfigError> {
+    pub fn build(&self, ctx: StageContext) -> Result<BgRemovalStage, BgRemovalConfigError> {
         let engine = match self {
             BgRemovalConfig::BorderKey { tolerance } => Engine::BorderKey { tolerance: *tolerance },
             BgRemovalConfig::Rembg(c) => Engine::Rembg(c.build()?),
@@ -267,8 +267,8 @@ impl BgRemovalConfig {
             )?),
         };
         Ok(BgRemovalStage {
+            limits: ctx.limits.clone(),
             ctx,
-            limits,
             engine,
             on_doubtful_mask: OnDoubtfulMask::default(),
         })

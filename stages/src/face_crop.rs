@@ -86,14 +86,14 @@ impl Default for FaceCropConfig {
 }
 
 impl FaceCropConfig {
-    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> FaceCropStage {
+    pub fn build(&self, ctx: StageContext) -> Result<FaceCropStage, std::convert::Infallible> {
         // Parse the model now, not in the first image's time budget.
         let _ = model();
-        FaceCropStage {
+        Ok(FaceCropStage {
+            limits: ctx.limits.clone(),
             ctx,
-            limits,
             config: self.clone(),
-        }
+        })
     }
 }
 

@@ -35,11 +35,15 @@ pub use rate_check::{RateCheckConfig, RateCheckStage};
 pub use resize::{ResizeConfig, ResizeStage};
 pub use upload::{UploadConfig, UploadStage};
 
-/// What every stage may use: the blob store and the source fetcher.
+/// What every stage may use: the blob store, the source fetcher and the
+/// process's decoding limits. Every stage's configuration is built the same
+/// way: `XxxConfig::build(&self, ctx: StageContext) -> Result<XxxStage, _>`
+/// (`Infallible` where nothing can be wrong).
 #[derive(Clone)]
 pub struct StageContext {
     pub blobs: Arc<dyn BlobStore>,
     pub fetcher: Arc<fetch::Fetcher>,
+    pub limits: decode::DecodeLimits,
 }
 
 impl StageContext {

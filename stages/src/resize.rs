@@ -77,12 +77,12 @@ impl Default for ResizeConfig {
 }
 
 impl ResizeConfig {
-    pub fn build(&self, ctx: StageContext, limits: DecodeLimits) -> ResizeStage {
-        ResizeStage {
+    pub fn build(&self, ctx: StageContext) -> Result<ResizeStage, std::convert::Infallible> {
+        Ok(ResizeStage {
+            limits: ctx.limits.clone(),
             ctx,
-            limits,
             config: self.clone(),
-        }
+        })
     }
 }
 

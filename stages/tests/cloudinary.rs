@@ -165,6 +165,7 @@ async fn setup() -> Setup {
     let ctx = StageContext {
         blobs,
         fetcher: Arc::new(FetchConfig::default().build().unwrap()),
+        limits: image_queue_stages::decode::DecodeLimits::default(),
     };
     let (base, server) = stand_in().await;
     let config = UploadConfig::Cloudinary {

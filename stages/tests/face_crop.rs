@@ -5,7 +5,6 @@ mod support;
 
 use image::ImageFormat;
 use image_queue_pipeline::{Outcome, Stage};
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::face_crop::NoFace;
 use image_queue_stages::FaceCropConfig;
 use serde_json::Value;
@@ -30,7 +29,7 @@ fn rect(v: &Value) -> (u32, u32, u32, u32) {
 #[tokio::test]
 async fn crops_around_a_real_face_and_leaves_an_image_without_one_uncropped() {
     let (ctx, _dir) = context();
-    let stage = FaceCropConfig::default().build(ctx.clone(), DecodeLimits::default());
+    let stage = FaceCropConfig::default().build(ctx.clone()).unwrap();
     let photo = astronaut();
 
     // The astronaut's face is in the upper left quarter of the 512×512 photo.
@@ -79,7 +78,8 @@ async fn crops_around_a_real_face_and_leaves_an_image_without_one_uncropped() {
         aspect: 0.8,
         ..FaceCropConfig::default()
     }
-    .build(ctx.clone(), DecodeLimits::default());
+    .build(ctx.clone())
+    .unwrap();
     let ev = event_for(&ctx, "face", 2, encode(&photo, ImageFormat::Png)).await;
     let Outcome::Done(ev) = stage45.handle(ev).await.unwrap() else {
         panic!("deferred")
@@ -105,7 +105,8 @@ async fn crops_around_a_real_face_and_leaves_an_image_without_one_uncropped() {
         no_face: NoFace::Center,
         ..FaceCropConfig::default()
     }
-    .build(ctx.clone(), DecodeLimits::default());
+    .build(ctx.clone())
+    .unwrap();
     let ev = event_for(&ctx, "noface", 1, encode(&product_photo(640, 480), ImageFormat::Png)).await;
     let Outcome::Done(ev) = centre.handle(ev).await.unwrap() else {
         panic!("deferred")

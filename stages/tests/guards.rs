@@ -7,7 +7,6 @@ mod support;
 use image::{ImageFormat, Rgba, RgbaImage};
 use image_queue_pipeline::{Outcome, Stage};
 use image_queue_stages::bg_removal::OnDoubtfulMask;
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::{BgRemovalConfig, ResizeConfig, UploadConfig};
 use support::{context, encode, event_for, product_photo};
 
@@ -21,8 +20,7 @@ fn busy_photo(w: u32, h: u32) -> RgbaImage {
 #[tokio::test]
 async fn a_doubtful_mask_ships_the_original_with_a_warning_by_default() {
     let (ctx, _dir) = context();
-    let limits = DecodeLimits::default();
-    let stage = BgRemovalConfig::default().build(ctx.clone(), limits.clone()).unwrap();
+    let stage = BgRemovalConfig::default().build(ctx.clone()).unwrap();
     let original = encode(&busy_photo(120, 90), ImageFormat::Png);
     let ev = event_for(&ctx, "busy", 0, original.clone()).await;
     let Outcome::Done(ev) = stage.handle(ev).await.unwrap() else {
@@ -40,7 +38,7 @@ async fn a_doubtful_mask_ships_the_original_with_a_warning_by_default() {
 
     // "keep" ships the cutout, still with the warning.
     let keep = BgRemovalConfig::default()
-        .build(ctx.clone(), limits.clone())
+        .build(ctx.clone())
         .unwrap()
         .on_doubtful_mask(OnDoubtfulMask::Keep);
     let ev = event_for(&ctx, "busy", 1, original.clone()).await;
@@ -53,7 +51,7 @@ async fn a_doubtful_mask_ships_the_original_with_a_warning_by_default() {
 
     // "fail" fails the image, permanently, saying why.
     let fail = BgRemovalConfig::default()
-        .build(ctx.clone(), limits.clone())
+        .build(ctx.clone())
         .unwrap()
         .on_doubtful_mask(OnDoubtfulMask::Fail);
     let ev = event_for(&ctx, "busy", 2, original).await;
@@ -90,8 +88,7 @@ async fn a_doubtful_mask_ships_the_original_with_a_warning_by_default() {
 #[tokio::test]
 async fn identical_variants_of_a_small_image_are_made_and_stored_once() {
     let (ctx, dir) = context();
-    let limits = DecodeLimits::default();
-    let resize = ResizeConfig::default().build(ctx.clone(), limits.clone());
+    let resize = ResizeConfig::default().build(ctx.clone()).unwrap();
     // 600×450 fits large (1600) and medium (800) whole: the same bytes.
     let ev = event_for(&ctx, "small", 0, encode(&product_photo(600, 450), ImageFormat::Png)).await;
     let Outcome::Done(ev) = resize.handle(ev).await.unwrap() else {

@@ -14,7 +14,6 @@ use std::time::Duration;
 use futures::future::join_all;
 use image::ImageFormat;
 use image_queue_pipeline::Stage;
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::rembg::RembgConfig;
 use image_queue_stages::BgRemovalConfig;
 use support::{context, encode, event_for, product_photo, working, RembgServer, REMBG_START_TIMEOUT};
@@ -56,7 +55,7 @@ async fn rembg_pool_cuts_out_balances_ejects_and_readmits() {
     let (a, mut b) = tokio::join!(RembgServer::start(None), RembgServer::start(None));
     let (ctx, _dir) = context();
     let stage = BgRemovalConfig::Rembg(config(vec![a.url(), b.url()], "u2netp"))
-        .build(ctx.clone(), DecodeLimits::default())
+        .build(ctx.clone())
         .unwrap();
     let pool = stage.rembg_pool().unwrap().clone();
     assert!(
@@ -100,7 +99,7 @@ async fn rembg_pool_cuts_out_balances_ejects_and_readmits() {
     // no reason to eject anyone.
     let (ctx2, _dir2) = context();
     let refusing = BgRemovalConfig::Rembg(config(vec![a.url()], "no-such-model"))
-        .build(ctx2.clone(), DecodeLimits::default())
+        .build(ctx2.clone())
         .unwrap();
     let ev = event_for(&ctx2, "refused", 0, encode(&photo, ImageFormat::Png)).await;
     let err = refusing.handle(ev).await.expect_err("an unknown model is refused");

@@ -14,7 +14,6 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use image::ImageFormat;
 use image_queue_pipeline::{ErrorClass, ImageEvent, Outcome, Stage};
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::s3::Credentials;
 use image_queue_stages::{ResizeConfig, StageContext, UploadConfig, UploadStage};
 use object_store::path::Path;
@@ -51,7 +50,7 @@ async fn resized_event(ctx: &StageContext, job: &str) -> ImageEvent {
     let png = support::encode(&support::product_photo(1000, 750), ImageFormat::Png);
     let mut ev = support::event_for(ctx, job, 4, png).await;
     ev.vendor = "acme/shop".into();
-    let resize = ResizeConfig::default().build(ctx.clone(), DecodeLimits::default());
+    let resize = ResizeConfig::default().build(ctx.clone()).unwrap();
     let Outcome::Done(ev) = resize.handle(ev).await.expect("resize") else {
         panic!("resize did not finish the image")
     };

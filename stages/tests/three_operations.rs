@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use image::{GenericImageView, ImageFormat};
 use image_queue_pipeline::{Operation, Outcome, Stage};
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::rembg::RembgConfig;
 use image_queue_stages::u2net::Runtime;
 use image_queue_stages::{BgRemovalConfig, FaceCropConfig, ResizeConfig};
@@ -66,15 +65,10 @@ async fn all_three_operations_with_each_engine_on_a_real_portrait() {
         ),
     ];
     let (ctx, _dir) = context();
-    let limits = DecodeLimits::default();
-    let face_crop: Arc<dyn Stage> = Arc::new(FaceCropConfig::default().build(ctx.clone(), limits.clone()));
-    let resize: Arc<dyn Stage> = Arc::new(ResizeConfig::default().build(ctx.clone(), limits.clone()));
+    let face_crop: Arc<dyn Stage> = Arc::new(FaceCropConfig::default().build(ctx.clone()).unwrap());
+    let resize: Arc<dyn Stage> = Arc::new(ResizeConfig::default().build(ctx.clone()).unwrap());
     for (i, (name, config)) in engines.into_iter().enumerate() {
-        let bg: Arc<dyn Stage> = Arc::new(
-            config
-                .build(ctx.clone(), limits.clone())
-                .unwrap_or_else(|e| panic!("{name}: {e}")),
-        );
+        let bg: Arc<dyn Stage> = Arc::new(config.build(ctx.clone()).unwrap_or_else(|e| panic!("{name}: {e}")));
         let mut ev = event_for(&ctx, "three-ops", i as u32, encode(&photo, ImageFormat::Jpeg)).await;
         ev.ops = vec![Operation::BgRemoval, Operation::FaceCrop, Operation::Resize];
 

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use image::{DynamicImage, ImageFormat};
 use image_queue_pipeline::{Outcome, Stage};
-use image_queue_stages::decode::DecodeLimits;
 use image_queue_stages::onnxruntime::{ExecutionProvider, SessionSettings};
 use image_queue_stages::rembg::RembgConfig;
 use image_queue_stages::u2net::{Runtime, U2net};
@@ -109,7 +108,7 @@ async fn in_process_mask_matches_rembgs() {
             onnxruntime_library: Some(library.clone()),
             onnxruntime: Default::default(),
         }
-        .build(ctx.clone(), DecodeLimits::default())
+        .build(ctx.clone())
         .unwrap();
         let ev = event_for(
             &ctx,

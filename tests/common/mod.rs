@@ -79,13 +79,13 @@ impl TestEnv {
         let ctx = StageContext {
             blobs: self.pipeline.blobs.clone(),
             fetcher: Arc::new(FetchConfig::default().build().unwrap()),
+            limits: DecodeLimits::default(),
         };
-        let limits = DecodeLimits::default();
         match name {
-            StageName::RateCheck => Arc::new(RateCheckConfig::default().build()),
-            StageName::BgRemoval => Arc::new(BgRemovalConfig::default().build(ctx, limits).unwrap()),
-            StageName::FaceCrop => Arc::new(FaceCropConfig::default().build(ctx, limits)),
-            StageName::Resize => Arc::new(ResizeConfig::default().build(ctx, limits)),
+            StageName::RateCheck => Arc::new(RateCheckConfig::default().build(ctx).unwrap()),
+            StageName::BgRemoval => Arc::new(BgRemovalConfig::default().build(ctx).unwrap()),
+            StageName::FaceCrop => Arc::new(FaceCropConfig::default().build(ctx).unwrap()),
+            StageName::Resize => Arc::new(ResizeConfig::default().build(ctx).unwrap()),
             StageName::Upload => Arc::new(
                 UploadConfig::Local {
                     dir: self.media_dir(),

@@ -200,6 +200,7 @@ pub fn context() -> (StageContext, tempfile::TempDir) {
     let ctx = StageContext {
         blobs,
         fetcher: Arc::new(FetchConfig::default().build().unwrap()),
+        limits: image_queue_stages::decode::DecodeLimits::default(),
     };
     (ctx, dir)
 }
