@@ -48,7 +48,7 @@ impl Stage for RecordVanishes {
     }
 
     async fn handle(&self, event: ImageEvent) -> Result<Outcome, StageError> {
-        let mut conn = self.p.conn.clone();
+        let mut conn = crate::common::redis_conn(&self.p).await;
         let _: () = conn.del(self.p.keys.job(&event.job)).await.unwrap();
         self.handled.send(admitted(&self.p).await).unwrap();
         if self.fail.load(Ordering::SeqCst) {
@@ -60,7 +60,7 @@ impl Stage for RecordVanishes {
 }
 
 async fn admitted(p: &Pipeline) -> i64 {
-    let mut conn = p.conn.clone();
+    let mut conn = crate::common::redis_conn(&p).await;
     let n: Option<i64> = conn.get(p.keys.admitted()).await.unwrap();
     n.unwrap_or(0)
 }
@@ -70,7 +70,7 @@ type PendingSummary = (u64, Option<String>, Option<String>, Option<Vec<(String, 
 
 /// Entries pending in resize's group.
 async fn resize_pending(p: &Pipeline) -> u64 {
-    let mut conn = p.conn.clone();
+    let mut conn = crate::common::redis_conn(&p).await;
     let summary: PendingSummary = redis::cmd("XPENDING")
         .arg(p.keys.stream(StageName::Resize))
         .arg("resize")
@@ -144,7 +144,7 @@ async fn a_drifted_admission_counter_is_repaired_from_what_is_in_flight() {
     // Three images dispatched into resize's stream and not yet read, one
     // waiting in upload's retry set: four slots truly held.
     for stage in [StageName::Resize, StageName::Upload, StageName::DbCommit] {
-        let mut conn = env.pipeline.conn.clone();
+        let mut conn = crate::common::redis_conn(&env.pipeline).await;
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(env.pipeline.keys.stream(stage))
@@ -155,7 +155,7 @@ async fn a_drifted_admission_counter_is_repaired_from_what_is_in_flight() {
             .await
             .unwrap();
     }
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     for i in 0..3 {
         let _: String = conn
             .xadd(
@@ -191,7 +191,7 @@ async fn nine_thousand_waiting_vendors_do_not_stop_admission() {
     // Every vendor has one image parked, as rate-check leaves them: 9,000
     // vendors in the ring, more than a Lua call can take as arguments.
     let ring = env.pipeline.keys.vendor_ring();
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let vendors: Vec<String> = (0..9_000).map(|v| format!("vendor-{v}")).collect();
     for chunk in vendors.chunks(1_000) {
         let mut pipe = redis::pipe();
@@ -222,7 +222,7 @@ async fn nine_thousand_waiting_vendors_do_not_stop_admission() {
     assert_eq!(tail, vendors[..8].to_vec());
     assert_eq!(d.vendors_waiting, 9_000, "{d:?}");
     assert_eq!(admitted(&env.pipeline).await, 8);
-    let mut conn2 = env.pipeline.conn.clone();
+    let mut conn2 = crate::common::redis_conn(&env.pipeline).await;
     let queued: u64 = conn2.xlen(env.pipeline.keys.stream(StageName::Resize)).await.unwrap();
     assert_eq!(queued, 8);
 }
@@ -314,7 +314,7 @@ async fn a_newcomers_image_behind_a_real_backlog_waits_a_few_images_not_the_wind
 async fn backlogged_vendors_of_weights_one_two_four_are_admitted_one_two_four() {
     let env = TestEnv::start(Fsync::Off).await;
     let ring = env.pipeline.keys.vendor_ring();
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let vendors = [("light", 1u64), ("middle", 2), ("heavy", 4)];
     for (v, weight) in vendors {
         let mut pipe = redis::pipe();

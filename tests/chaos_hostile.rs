@@ -210,7 +210,7 @@ async fn hostile_input_is_refused_or_failed_and_the_api_keeps_serving() {
     assert_eq!(done[0].status, "completed", "{:#?}", done[0]);
 
     // Nothing left pending or waiting for a retry.
-    let mut conn = c.env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&c.env.pipeline).await;
     for stage in StageName::ALL {
         let pending = pending_summary(&c.env, stage).await.map(|s| s.0).unwrap_or(0);
         assert_eq!(pending, 0, "{stage}: entries pending");

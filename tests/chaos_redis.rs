@@ -21,8 +21,11 @@ use rand::{Rng, SeedableRng};
 async fn redis_pid(env: &TestEnv) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let mut conn = env.pipeline.conn.clone();
-        let info: redis::RedisResult<String> = redis::cmd("INFO").arg("server").query_async(&mut conn).await;
+        // A connection of its own each time: Redis may be restarting.
+        let info: redis::RedisResult<String> = match env.pipeline.endpoint.connect(Some(Duration::from_secs(2))).await {
+            Ok(mut conn) => redis::cmd("INFO").arg("server").query_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
         if let Ok(info) = info {
             if let Some(pid) = info.lines().find_map(|l| l.strip_prefix("process_id:")) {
                 return pid.trim().parse().unwrap();

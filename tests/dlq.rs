@@ -177,7 +177,7 @@ async fn replaying_dead_letters_after_a_fix_completes_the_job() {
     assert_eq!(rows.len(), 2 * 3, "each replayed image committed once: {rows:?}");
 
     // Each replay was recorded, on the image and in the replay log.
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let replays: u64 = conn.hget(env.pipeline.keys.job(job), "0:replays").await.unwrap();
     assert_eq!(replays, 1);
     let log: u64 = conn.xlen(env.pipeline.keys.replays()).await.unwrap();
@@ -232,7 +232,7 @@ async fn a_replay_is_refused_when_the_image_is_no_longer_failed() {
     assert_eq!(letters.len(), 1);
     // Someone set the image's state by hand meanwhile: replay must not
     // count it twice.
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let _: () = conn
         .hset(env.pipeline.keys.job(&ids[0]), "0:status", "completed")
         .await

@@ -109,7 +109,7 @@ async fn a_failing_handler_is_dead_lettered_after_three_attempts_with_backoff() 
         Some("the service behind this stage is down")
     );
 
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let dead: redis::streams::StreamRangeReply = conn.xrange_all(env.pipeline.keys.dead_letters()).await.unwrap();
     assert_eq!(dead.ids.len(), 1);
     let entry = &dead.ids[0];
@@ -160,7 +160,7 @@ async fn a_long_handler_that_renews_its_claim_is_not_handed_to_another_consumer(
     let ids = env.submit("vendor-a", 1, 2, &[Operation::Resize], 16).await;
     // The events reach the next stage's stream once handled.
     let next = env.pipeline.keys.stream(StageName::Resize);
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let len: usize = conn.xlen(&next).await.unwrap();
@@ -190,7 +190,7 @@ async fn trimming_never_removes_a_pending_or_undelivered_entry() {
     image_queue_pipeline::runner::ensure_group(p, StageName::Resize)
         .await
         .unwrap();
-    let mut conn = p.conn.clone();
+    let mut conn = crate::common::redis_conn(&p).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         let id: String = conn.xadd(&stream, "*", &[("e", i.to_string())]).await.unwrap();
@@ -302,7 +302,7 @@ async fn an_event_the_finishing_script_refuses_does_not_hold_up_its_batch() {
     // One job's record is not a hash any more: every step on its image
     // fails in Redis (WRONGTYPE), whatever batch it lands in.
     let broken = ids.remove(7);
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let key = env.pipeline.keys.job(&broken);
     let _: () = conn.del(&key).await.unwrap();
     let _: () = conn.set(&key, "not a job").await.unwrap();
@@ -517,7 +517,7 @@ async fn a_completed_jobs_blobs_linger_before_they_are_deleted() {
     finished.wait(&ids, Duration::from_secs(60)).await;
     let job = &ids[0];
     let blob_dir = env.dir.path().join("blobs").join(job);
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let deletions = env.pipeline.keys.blob_deletions();
     // Its deletion is scheduled (right after its end is recorded) while
     // its blobs are still there.
@@ -560,7 +560,7 @@ async fn a_completed_jobs_blobs_linger_before_they_are_deleted() {
 async fn key_tracking_fails_a_script_that_builds_a_key() {
     use image_queue_pipeline::scripts::tracking_keys;
     let env = TestEnv::start(Fsync::Off).await;
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let derived = tracking_keys("return redis.call('GET', KEYS[1] .. ':derived')");
     let err = derived
         .key("{iq}:a")

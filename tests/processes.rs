@@ -54,7 +54,7 @@ type PendingSummary = (usize, Option<String>, Option<String>, Option<Vec<(String
 
 /// Entries pending at a stage for the consumer of process `pid`.
 async fn pending_of(env: &TestEnv, stage: StageName, pid: u32) -> usize {
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let summary: PendingSummary = redis::cmd("XPENDING")
         .arg(env.pipeline.keys.stream(stage))
         .arg(stage.as_str())
@@ -169,7 +169,7 @@ async fn a_dead_workers_whole_pending_list_comes_back_within_the_idle_time() {
     let ids = env.submit("vendor-a", 32, 2, &[Operation::Resize], 1200).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let mut conn = env.pipeline.conn.clone();
+        let mut conn = crate::common::redis_conn(&env.pipeline).await;
         let queued: usize = redis::cmd("XLEN")
             .arg(env.pipeline.keys.stream(StageName::Resize))
             .query_async(&mut conn)

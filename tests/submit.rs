@@ -68,7 +68,7 @@ async fn a_job_of_five_thousand_images_is_recorded_whole_and_its_key_names_it() 
 async fn a_submit_redis_refuses_leaves_no_idempotency_key_behind() {
     let env = TestEnv::start(Fsync::Off).await;
     // Redis full: the job cannot be written.
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")

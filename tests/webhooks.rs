@@ -164,7 +164,7 @@ async fn a_finished_job_is_posted_signed_and_retried_until_taken() {
             .is_err(),
         "a settled webhook was sent again"
     );
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let outbox: u64 = redis::cmd("XLEN")
         .arg(env.pipeline.keys.webhook_outbox())
         .query_async(&mut conn)
@@ -232,7 +232,7 @@ async fn a_notice_its_deliverers_keep_dying_on_is_given_up_not_sent_again() {
 
     // Two deliverers take the notice in turn and die with it.
     let outbox = env.pipeline.keys.webhook_outbox();
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let _: redis::Value = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&outbox)

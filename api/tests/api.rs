@@ -263,7 +263,7 @@ async fn keys_are_required_and_admin_routes_need_the_admin_key() {
         .error(StatusCode::UNAUTHORIZED, "unauthorized");
 
     // The admin key reads the dead letters, newest first.
-    let mut conn = h.p.conn.clone();
+    let mut conn = h.p.endpoint.connect(None).await.unwrap();
     for i in 0..3 {
         let _: String = redis::cmd("XADD")
             .arg(h.p.keys.dead_letters())

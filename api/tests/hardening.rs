@@ -377,7 +377,7 @@ async fn redis_out_of_memory_answers_503_with_retry_after_and_not_ready() {
     let ready = send(&h.app, req("GET", "/readyz", None).body(Body::empty()).unwrap()).await;
     assert_eq!(ready.status, StatusCode::OK);
 
-    let mut conn = h.p.conn.clone();
+    let mut conn = h.p.endpoint.connect(None).await.unwrap();
     let set = |k: &'static str, v: &'static str| redis::cmd("CONFIG").arg("SET").arg(k).arg(v).to_owned();
     let _: () = set("maxmemory-policy", "noeviction")
         .query_async(&mut conn)
@@ -421,7 +421,7 @@ async fn redis_out_of_memory_answers_503_with_retry_after_and_not_ready() {
 #[tokio::test]
 async fn a_redis_refusing_writes_is_not_ready_and_workers_not_healthy() {
     let h = harness(ApiConfig::default()).await;
-    let mut conn = h.p.conn.clone();
+    let mut conn = h.p.endpoint.connect(None).await.unwrap();
     // A replica of nothing is read-only: it answers PING, refuses writes.
     let _: () = redis::cmd("REPLICAOF")
         .arg("127.0.0.1")
@@ -485,7 +485,7 @@ async fn queue_stats_name_vendors_and_workers_only_to_the_admin() {
         StatusCode::ACCEPTED
     );
     // A worker's heartbeat, as a running worker publishes it.
-    let mut conn = h.p.conn.clone();
+    let mut conn = h.p.endpoint.connect(None).await.unwrap();
     let beat = json!({"consumer": "rate-check-host7-4242", "stage": "rate-check", "host": "host7.internal",
         "pid": 4242, "concurrency": 4, "in_flight": 0, "last_seen_ms": image_queue_pipeline::now_ms()});
     let _: () = redis::cmd("HSET")

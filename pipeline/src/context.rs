@@ -18,7 +18,7 @@ pub struct Pipeline {
     /// Shared, multiplexed and reconnecting (following a failover): for
     /// every command that does not block. Concurrent callers' commands are
     /// pipelined on it.
-    pub conn: Conn,
+    pub(crate) conn: Conn,
     pub keys: Keys,
     pub scripts: Arc<Scripts>,
     pub blobs: Arc<dyn BlobStore>,

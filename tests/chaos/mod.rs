@@ -404,7 +404,7 @@ pub fn sigkill(child: &Child) {
 type PendingSummary = (usize, Option<String>, Option<String>, Option<Vec<(String, String)>>);
 
 pub async fn pending_summary(env: &TestEnv, stage: StageName) -> redis::RedisResult<PendingSummary> {
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     redis::cmd("XPENDING")
         .arg(env.pipeline.keys.stream(stage))
         .arg(stage.as_str())
@@ -576,7 +576,7 @@ pub async fn check_invariants_sparing(
 
     // No job was made that no client was told about (a retried submit
     // must find its first attempt's job, not make a second one).
-    let mut conn = env.pipeline.conn.clone();
+    let mut conn = crate::common::redis_conn(&env.pipeline).await;
     let listed: Vec<String> = redis::cmd("ZRANGE")
         .arg(env.pipeline.keys.vendor_jobs(VENDOR))
         .arg(0)

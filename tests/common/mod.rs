@@ -267,3 +267,13 @@ pub fn fast_runner(concurrency: usize) -> RunnerConfig {
         ..RunnerConfig::default()
     }
 }
+
+/// A connection of the test's own to the pipeline's Redis, for looking at
+/// (and, in fault tests, tampering with) what the pipeline keeps there: the
+/// pipeline's own connection is not public.
+pub async fn redis_conn(p: &Pipeline) -> image_queue_pipeline::Conn {
+    p.endpoint
+        .connect(Some(std::time::Duration::from_secs(10)))
+        .await
+        .expect("a connection to the test's redis-server")
+}

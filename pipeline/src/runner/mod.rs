@@ -118,7 +118,6 @@ impl StageRunner {
     /// (see [`Consumer::run`]); the whole stop takes the grace period at
     /// most, even with Redis gone.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), RunnerError> {
-        ensure_group(&self.p, self.name).await?;
         info!(stage = %self.name, consumer = %self.consumer(), concurrency = self.cfg.concurrency, "worker started");
         let maintenance = tokio::spawn(self.clone().maintain(shutdown.clone()));
         // The finisher outlives the reader: in-flight work finishes through it.
