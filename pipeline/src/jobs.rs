@@ -12,9 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::Pipeline;
 use crate::estimate::{self, QuotaConfig, StartEstimate};
-use crate::event::{EventKind, ImageEvent, Operation, Source, StageName, EVENT_VERSION};
+use crate::event::{EventKind, ImageEvent, Operation, Source, EVENT_VERSION};
 use crate::now_ms;
-use crate::scripts::CancelJob;
+use crate::scripts::{CancelJob, RecordJob, Recorded};
 use crate::status::{ImageStatus, JobStatus};
 
 #[derive(Debug, Clone)]
@@ -261,24 +261,10 @@ impl JobStore {
     /// Records a job and queues its images, atomically.
     pub async fn submit(&self, job: NewJob) -> Result<Submitted, SubmitError> {
         let now = now_ms();
-        let keys = &self.p.keys;
         let ops: Vec<&str> = job.operations.iter().map(|o| o.as_str()).collect();
         // One job is one trace, whether the caller started it or not.
         let traceparent = crate::trace::accept_or_new(job.traceparent.as_deref());
-        let mut inv = self.p.scripts.submit.prepare_invoke();
-        inv.key(keys.job(&job.id))
-            .key(keys.stream(StageName::RateCheck))
-            .key(keys.vendor_jobs(&job.vendor));
-        if let Some(k) = &job.idempotency_key {
-            inv.key(keys.idempotency(&job.vendor, k));
-        }
-        inv.arg(&job.id)
-            .arg(&job.vendor)
-            .arg(now)
-            .arg(self.retention_secs)
-            .arg(ops.join(","))
-            .arg(job.images.len())
-            .arg(job.fingerprint.as_deref().unwrap_or(""));
+        let mut images = Vec::with_capacity(job.images.len());
         for (i, img) in job.images.iter().enumerate() {
             let event = ImageEvent {
                 v: EVENT_VERSION,
@@ -297,9 +283,20 @@ impl JobStore {
                 submitted_ms: now,
                 traceparent: Some(traceparent.clone()),
             };
-            inv.arg(&img.record_id).arg(event.to_json());
+            images.push((img.record_id.as_str(), event.to_json()));
         }
-        let (job_id, created, fingerprint): (String, i64, String) = if self.replication.min_replicas == 0 {
+        let record = RecordJob {
+            job_id: &job.id,
+            vendor: &job.vendor,
+            now_ms: now,
+            retention_secs: self.retention_secs,
+            ops: &ops,
+            fingerprint: job.fingerprint.as_deref(),
+            idempotency_key: job.idempotency_key.as_deref(),
+            images: &images,
+        };
+        let inv = record.invocation(&self.p);
+        let reply: (String, i64, String) = if self.replication.min_replicas == 0 {
             inv.invoke_async(&mut self.p.conn.clone()).await?
         } else {
             let _lent = self
@@ -328,11 +325,20 @@ impl JobStore {
                 .push(conn);
             reply
         };
-        let earlier = EarlierSubmit { job_id, fingerprint };
-        Ok(Submitted {
-            conflicting: created != 1 && earlier.conflicts_with(job.fingerprint.as_deref()),
-            job_id: earlier.job_id,
-            created: created == 1,
+        Ok(match RecordJob::reply(reply) {
+            Recorded::New => Submitted {
+                job_id: job.id,
+                created: true,
+                conflicting: false,
+            },
+            Recorded::Earlier { job_id, fingerprint } => {
+                let earlier = EarlierSubmit { job_id, fingerprint };
+                Submitted {
+                    conflicting: earlier.conflicts_with(job.fingerprint.as_deref()),
+                    job_id: earlier.job_id,
+                    created: false,
+                }
+            }
         })
     }
 

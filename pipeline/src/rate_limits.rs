@@ -3,6 +3,7 @@
 //! What the limits are and what a refusal tells the client is the API's.
 
 use crate::context::Pipeline;
+use crate::scripts::SpendRateLimits;
 
 /// One limit a request is checked against.
 #[derive(Debug, Clone)]
@@ -31,31 +32,5 @@ pub struct Verdict {
 
 /// Checks and, when every limit admits it, records a request.
 pub async fn spend(p: &Pipeline, spends: &[Spend<'_>]) -> redis::RedisResult<Verdict> {
-    let mut inv = p.scripts.rate_limit.prepare_invoke();
-    // A unique member per request, so equal timestamps do not collide.
-    inv.arg(hex::encode(rand::random::<[u8; 16]>()));
-    for s in spends {
-        inv.key(p.keys.rate_limit(s.name, s.subject))
-            .arg(s.max)
-            .arg(s.window_ms)
-            .arg(s.cost);
-    }
-    let mut conn = p.conn.clone();
-    let out: Vec<i64> = inv.invoke_async(&mut conn).await?;
-    if out.len() != 3 + 2 * spends.len() {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "rate_limit.lua answered an unexpected shape",
-            format!("{out:?}"),
-        )));
-    }
-    let admitted = out[0] == 1;
-    Ok(Verdict {
-        admitted,
-        refused_by: (!admitted).then(|| (out[1].max(1) as usize - 1).min(spends.len().saturating_sub(1))),
-        retry_after_ms: out[2].max(0) as u64,
-        left: (0..spends.len())
-            .map(|i| (out[3 + 2 * i].max(0) as u64, out[4 + 2 * i].max(0) as u64))
-            .collect(),
-    })
+    SpendRateLimits { spends }.run(p).await
 }

@@ -24,9 +24,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::context::Pipeline;
-use crate::event::{ImageEvent, StageName};
+use crate::event::ImageEvent;
 use crate::now_ms;
 use crate::runner::Heartbeat;
+pub use crate::scripts::Reconciled;
+use crate::scripts::{ChargeQuotas, Charged, Committed, Dispatch, Planned, ReconcileAdmitted};
 use window::{WindowChoice, WindowPolicy};
 
 /// What one dispatch call did.
@@ -36,18 +38,6 @@ pub struct Dispatched {
     pub moved: u64,
     /// Vendors still waiting with images queued.
     pub vendors_waiting: u64,
-}
-
-/// What a reconciliation found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reconciled {
-    /// The counter agreed with the images in flight.
-    Agreed { in_flight: u64 },
-    /// The counter had drifted and now holds the true count.
-    Repaired { in_flight: u64, counter_was: i64 },
-    /// A stream's undelivered entries were too many to count cheaply;
-    /// nothing was changed.
-    Unknown,
 }
 
 /// How the window is sized.
@@ -166,22 +156,24 @@ impl Admission {
     /// asks for, or 0 (then it has been charged, once, whatever the number
     /// of deliveries).
     pub async fn quota_wait(&self, ev: &ImageEvent) -> redis::RedisResult<u64> {
-        let mut inv = self.p.scripts.quota.prepare_invoke();
-        inv.arg(format!("{}:{}", ev.job, ev.image));
-        let mut any = false;
-        for op in &ev.ops {
-            if let Some(limit) = self.quotas.get(op.as_str()) {
-                inv.key(self.p.keys.quota(&ev.vendor, op.as_str()))
-                    .arg(*limit)
-                    .arg(self.quota_window_ms);
-                any = true;
-            }
+        let charges: Vec<(&str, u64)> = ev
+            .ops
+            .iter()
+            .filter_map(|op| self.quotas.get(op.as_str()).map(|limit| (op.as_str(), *limit)))
+            .collect();
+        let charged = ChargeQuotas {
+            vendor: &ev.vendor,
+            job: &ev.job,
+            image: ev.image,
+            charges: &charges,
+            window_ms: self.quota_window_ms,
         }
-        if !any {
-            return Ok(0);
-        }
-        let mut conn = self.p.conn.clone();
-        inv.invoke_async(&mut conn).await
+        .run(&self.p)
+        .await?;
+        Ok(match charged {
+            Charged::Admitted => 0,
+            Charged::FitsInMs(ms) => ms,
+        })
     }
 
     /// Moves waiting images downstream while the window has room.
@@ -229,77 +221,21 @@ impl Admission {
             }));
         }
         head.truncate(budget as usize);
-        let downstream: Vec<StageName> = StageName::ALL
-            .into_iter()
-            .filter(|s| *s != StageName::RateCheck)
-            .collect();
-        let call = |mode: &str, head: &[String]| {
-            let mut inv = self.p.scripts.dispatch.prepare_invoke();
-            inv.key(keys.vendor_ring())
-                .key(keys.admitted())
-                .key(keys.vendor_weights())
-                .key(keys.vendor_round());
-            for v in head {
-                inv.key(keys.vendor_queue(v));
+        let dispatch = Dispatch { head: &head, window };
+        let plan = match dispatch.plan(&self.p).await? {
+            Planned::Raced => return Ok(None),
+            Planned::Nothing { vendors_waiting } => {
+                return Ok(Some(Dispatched {
+                    moved: 0,
+                    vendors_waiting,
+                }))
             }
-            for s in &downstream {
-                inv.key(keys.stream(*s));
-            }
-            inv.arg(mode).arg(window).arg(now_ms()).arg(keys.progress_channel());
-            inv.arg(head.len()).arg(head);
-            inv.arg(downstream.len());
-            for s in &downstream {
-                inv.arg(s.as_str());
-            }
-            inv
+            Planned::Plan(plan) => plan,
         };
-        let plan: Vec<redis::Value> = call("plan", &head).invoke_async(&mut conn).await?;
-        let int = |v: &redis::Value| redis::from_redis_value_ref::<i64>(v);
-        let status = plan.first().map(int).transpose()?.unwrap_or(-1);
-        if status < 0 {
-            return Ok(None);
-        }
-        let waiting = plan.get(1).map(int).transpose()?.unwrap_or(0);
-        if plan.len() == 2 {
-            return Ok(Some(Dispatched {
-                moved: 0,
-                vendors_waiting: waiting.max(0) as u64,
-            }));
-        }
-        let planned_budget = int(&plan[2])?;
-        // Per head vendor: its queue's length, the n images it gives, and
-        // the jobs of those n.
-        let mut lengths = Vec::new();
-        let mut jobs = std::collections::BTreeSet::new();
-        let mut rest = plan[3..].iter();
-        while let (Some(len), Some(n)) = (rest.next(), rest.next()) {
-            lengths.push(int(len)?);
-            for _ in 0..int(n)? {
-                let id: String = redis::from_redis_value_ref(rest.next().unwrap_or(&redis::Value::Nil))?;
-                jobs.insert(id);
-            }
-        }
-        if jobs.is_empty() {
-            return Ok(Some(Dispatched {
-                moved: 0,
-                vendors_waiting: waiting.max(0) as u64,
-            }));
-        }
-        // The commit covers the vendors the plan reached, no others: a
-        // vendor it had not read would look empty to it.
-        let mut commit = call("commit", &head[..lengths.len()]);
-        for job in &jobs {
-            commit.key(keys.job(job));
-        }
-        commit.arg(planned_budget).arg(&lengths[..]);
-        let (moved, waiting): (i64, i64) = commit.invoke_async(&mut conn).await?;
-        if moved < 0 {
-            return Ok(None);
-        }
-        Ok(Some(Dispatched {
-            moved: moved as u64,
-            vendors_waiting: waiting.max(0) as u64,
-        }))
+        Ok(match dispatch.commit(&self.p, &plan).await? {
+            Committed::Raced => None,
+            Committed::Moved { moved, vendors_waiting } => Some(Dispatched { moved, vendors_waiting }),
+        })
     }
 
     /// The fair scheduler: keeps the admission window filled from vendors'
@@ -350,24 +286,7 @@ const DISPATCH_ATTEMPTS: usize = 3;
 /// Sets the admission counter to the true count of images in flight
 /// downstream of rate-check, if it had drifted.
 pub async fn reconcile(p: &Pipeline) -> redis::RedisResult<Reconciled> {
-    let keys = &p.keys;
-    let mut call = p.scripts.reconcile_admitted.prepare_invoke();
-    call.key(keys.admitted());
-    for stage in StageName::ALL.into_iter().filter(|s| *s != StageName::RateCheck) {
-        call.key(keys.stream(stage))
-            .key(keys.retries(stage))
-            .arg(keys.group(stage));
-    }
-    let mut conn = p.conn.clone();
-    let (in_flight, before): (i64, i64) = call.invoke_async(&mut conn).await?;
-    Ok(match u64::try_from(in_flight) {
-        Err(_) => Reconciled::Unknown,
-        Ok(n) if n as i64 == before => Reconciled::Agreed { in_flight: n },
-        Ok(n) => Reconciled::Repaired {
-            in_flight: n,
-            counter_was: before,
-        },
-    })
+    ReconcileAdmitted.run(p).await
 }
 
 /// The window the dispatcher last published, if one runs.

@@ -11,24 +11,34 @@ use redis::Script;
 
 pub mod cancel;
 pub mod dead;
+pub mod dispatch;
 pub mod finish;
 pub mod promote;
 pub mod promote_webhooks;
+pub mod quota;
+pub mod rate_limit;
 pub mod reap_consumers;
+pub mod reconcile_admitted;
 pub mod replay;
 pub mod retry;
 pub mod settle_webhook;
+pub mod submit;
 pub mod trim;
 
 pub use cancel::{CancelJob, Cancelled};
 pub use dead::{DeadLetter, DeadLettered};
+pub use dispatch::{Committed, Dispatch, Plan, Planned};
 pub use finish::{Finish, FinishBatch, Finished};
 pub use promote::{PromoteRetries, Promoted};
 pub use promote_webhooks::PromoteWebhooks;
+pub use quota::{ChargeQuotas, Charged};
+pub use rate_limit::SpendRateLimits;
 pub use reap_consumers::ReapConsumers;
+pub use reconcile_admitted::{ReconcileAdmitted, Reconciled};
 pub use replay::{ReplayDeadLetter, ReplayOutcome};
 pub use retry::{ScheduleRetry, Scheduled, Waiting};
 pub use settle_webhook::SettleWebhook;
+pub use submit::{RecordJob, Recorded};
 pub use trim::TrimAcknowledged;
 
 const LIB: &str = include_str!("lib.lua");
@@ -56,22 +66,24 @@ pub fn tracking_keys(body: &str) -> Script {
     with_lib(TRACK_KEYS, body)
 }
 
+/// Every script, loaded once per process. Only the typed calls beside
+/// this module run them (the fields are not public).
 pub struct Scripts {
-    pub submit: Script,
-    pub finish: Script,
-    pub retry: Script,
-    pub dead: Script,
-    pub promote: Script,
-    pub trim: Script,
-    pub cancel: Script,
-    pub reap_consumers: Script,
-    pub dispatch: Script,
-    pub rate_limit: Script,
-    pub replay: Script,
-    pub quota: Script,
-    pub promote_webhooks: Script,
-    pub settle_webhook: Script,
-    pub reconcile_admitted: Script,
+    pub(crate) submit: Script,
+    pub(crate) finish: Script,
+    pub(crate) retry: Script,
+    pub(crate) dead: Script,
+    pub(crate) promote: Script,
+    pub(crate) trim: Script,
+    pub(crate) cancel: Script,
+    pub(crate) reap_consumers: Script,
+    pub(crate) dispatch: Script,
+    pub(crate) rate_limit: Script,
+    pub(crate) replay: Script,
+    pub(crate) quota: Script,
+    pub(crate) promote_webhooks: Script,
+    pub(crate) settle_webhook: Script,
+    pub(crate) reconcile_admitted: Script,
 }
 
 impl Scripts {
