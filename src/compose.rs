@@ -99,7 +99,7 @@ pub async fn serve_api_on(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    config.api.validate().map_err(anyhow::Error::msg)?;
+    config.api.validate()?;
     image_queue_api::metrics::install();
     let admin = (!config.admin_key.is_empty()).then_some(config.admin_key.as_str());
     let state = AppState {

@@ -66,9 +66,24 @@ pub struct ApiConfig {
     pub url_policy: AddressPolicy,
 }
 
+/// What can be wrong with the API's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiConfigError {
+    #[error("api.rate_limits.trusted_proxies: {entry:?} is neither an address nor a network")]
+    TrustedProxy {
+        entry: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error("api.server: timeouts must be at least 1 ms")]
+    ZeroTimeout,
+    #[error("api.server.max_connections must be at least 1")]
+    NoConnections,
+}
+
 impl ApiConfig {
     /// Refuses a configuration that could only fail later, per request.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
         self.rate_limits.trusted()?;
         self.server.validate()?;
         Ok(())

@@ -14,6 +14,7 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use crate::ApiConfigError;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
 use axum::middleware::Next;
@@ -78,13 +79,16 @@ impl Default for RateLimitConfig {
 }
 
 impl RateLimitConfig {
-    pub fn trusted(&self) -> Result<Vec<IpNet>, String> {
+    pub fn trusted(&self) -> Result<Vec<IpNet>, ApiConfigError> {
         self.trusted_proxies
             .iter()
             .map(|n| {
                 n.parse::<IpNet>()
                     .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|e| format!("api.rate_limits.trusted_proxies: {n:?}: {e}"))
+                    .map_err(|source| ApiConfigError::TrustedProxy {
+                        entry: n.clone(),
+                        source,
+                    })
             })
             .collect()
     }
@@ -348,5 +352,22 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(ip_subject("::ffff:192.0.2.1".parse().unwrap()), "ip4-192.0.2.1");
+    }
+
+    #[test]
+    fn a_trusted_proxy_that_is_no_address_is_refused_with_its_cause() {
+        let cfg = RateLimitConfig {
+            trusted_proxies: vec!["10.0.0.0/8".into(), "10.0.0.300".into()],
+            ..RateLimitConfig::default()
+        };
+        let e = cfg.trusted().unwrap_err();
+        assert!(
+            matches!(&e, ApiConfigError::TrustedProxy { entry, .. } if entry == "10.0.0.300"),
+            "{e}"
+        );
+        assert!(
+            std::error::Error::source(&e).is_some(),
+            "the parse error is kept as the cause"
+        );
     }
 }

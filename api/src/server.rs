@@ -28,6 +28,8 @@ use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use crate::ApiConfigError;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerConfig {
@@ -60,12 +62,12 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), ApiConfigError> {
         if self.header_read_timeout_ms == 0 || self.body_timeout_ms == 0 {
-            return Err("api.server: timeouts must be at least 1 ms".into());
+            return Err(ApiConfigError::ZeroTimeout);
         }
         if self.max_connections == 0 {
-            return Err("api.server.max_connections must be at least 1".into());
+            return Err(ApiConfigError::NoConnections);
         }
         Ok(())
     }
