@@ -38,7 +38,8 @@ pub use upload::{UploadConfig, UploadStage};
 /// What every stage may use: the blob store, the source fetcher and the
 /// process's decoding limits. Every stage's configuration is built the same
 /// way: `XxxConfig::build(&self, ctx: StageContext) -> Result<XxxStage, _>`
-/// (`Infallible` where nothing can be wrong).
+/// (`Infallible` where nothing can be wrong). db-commit's alone is `async`
+/// and takes the database URL instead: building it connects and migrates.
 #[derive(Clone)]
 pub struct StageContext {
     pub blobs: Arc<dyn BlobStore>,

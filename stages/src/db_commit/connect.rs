@@ -6,6 +6,13 @@ use std::time::Duration;
 use sqlx::any::AnyPoolOptions;
 use sqlx::AnyPool;
 
+/// A database URL whose scheme names no database db-commit speaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported database URL scheme {scheme:?}: use mysql://, postgres:// or sqlite://")]
+pub struct UnsupportedDatabase {
+    pub scheme: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dialect {
     MySql,
@@ -14,15 +21,16 @@ pub enum Dialect {
 }
 
 impl Dialect {
-    pub fn of_url(url: &str) -> Result<Dialect, String> {
+    pub fn of_url(url: &str) -> Result<Dialect, UnsupportedDatabase> {
         let scheme = url.split(':').next().unwrap_or("");
         match scheme {
             "mysql" | "mariadb" => Ok(Dialect::MySql),
             "postgres" | "postgresql" => Ok(Dialect::Postgres),
             "sqlite" => Ok(Dialect::Sqlite),
-            other => Err(format!(
-                "unsupported database URL scheme {other:?}: use mysql://, postgres:// or sqlite://"
-            )),
+            // Only the scheme: the rest of the URL may hold a password.
+            other => Err(UnsupportedDatabase {
+                scheme: other.to_string(),
+            }),
         }
     }
 
@@ -46,7 +54,7 @@ pub(super) async fn connect_with(
     acquire_timeout: Duration,
 ) -> Result<(AnyPool, Dialect), sqlx::Error> {
     sqlx::any::install_default_drivers();
-    let dialect = Dialect::of_url(url).map_err(|e| sqlx::Error::Configuration(e.into()))?;
+    let dialect = Dialect::of_url(url).map_err(|e| sqlx::Error::Configuration(Box::new(e)))?;
     let url = if dialect == Dialect::MySql && url.starts_with("mariadb:") {
         url.replacen("mariadb:", "mysql:", 1)
     } else {

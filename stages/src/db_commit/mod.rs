@@ -36,9 +36,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 
 use connect::connect_with;
-pub use connect::{connect, migrate, Dialect};
+pub use connect::{connect, migrate, Dialect, UnsupportedDatabase};
 use errors::{classify, invalid_data, short, Refusal};
-pub use shop::{ShopParam, ShopUpdate};
+pub use shop::{ShopParam, ShopUpdate, TemplateError};
 use writer::budget_of;
 pub use writer::{chunk_rows, rows_of, ResultRow};
 
@@ -85,8 +85,12 @@ impl Default for DbCommitConfig {
 /// Why the stage could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum DbCommitError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
+    #[error("db_commit.batch_size and db_commit.max_rows_per_statement must be at least 1")]
+    ZeroSize,
+    #[error(transparent)]
+    UnsupportedDatabase(#[from] UnsupportedDatabase),
+    #[error("db_commit.shop_update_sql cannot be used")]
+    ShopUpdateSql(#[source] TemplateError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 }
@@ -94,18 +98,13 @@ pub enum DbCommitError {
 impl DbCommitConfig {
     pub async fn build(&self, database_url: &str) -> Result<DbCommitStage, DbCommitError> {
         if self.batch_size == 0 || self.max_rows_per_statement == 0 {
-            return Err(DbCommitError::Config(
-                "db_commit.batch_size and db_commit.max_rows_per_statement must be at least 1".into(),
-            ));
+            return Err(DbCommitError::ZeroSize);
         }
-        let dialect = Dialect::of_url(database_url).map_err(DbCommitError::Config)?;
+        let dialect = Dialect::of_url(database_url)?;
         let shop = if self.shop_update_sql.trim().is_empty() {
             None
         } else {
-            Some(
-                ShopUpdate::parse(&self.shop_update_sql, dialect)
-                    .map_err(|e| DbCommitError::Config(format!("db_commit.shop_update_sql: {e}")))?,
-            )
+            Some(ShopUpdate::parse(&self.shop_update_sql, dialect).map_err(DbCommitError::ShopUpdateSql)?)
         };
         let acquire = Duration::from_millis(self.acquire_timeout_ms.max(100));
         let (pool, dialect) = connect_with(database_url, self.max_connections, acquire).await?;

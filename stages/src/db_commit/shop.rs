@@ -37,6 +37,21 @@ impl ShopParam {
     }
 }
 
+/// What is wrong with a shop statement template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("unterminated {0} quote")]
+    UnterminatedQuote(char),
+    #[error("unterminated comment")]
+    UnterminatedComment,
+    #[error("unknown placeholder :{0} (known: :url, :record_id, :vendor_id, :variant, :job_id)")]
+    UnknownPlaceholder(String),
+    #[error("use named placeholders (:url, :record_id, ...), not {0}")]
+    Positional(&'static str),
+    #[error("the statement uses no placeholder, so it would write the same to every row")]
+    NoPlaceholder,
+}
+
 /// The configured shop statement, its named placeholders turned into the
 /// dialect's positional ones, and what to bind to each in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +64,7 @@ impl ShopUpdate {
     /// Translates `:name` placeholders outside quotes and comments. A
     /// positional placeholder in the template is refused: binding by
     /// position would silently depend on our order.
-    pub fn parse(template: &str, dialect: Dialect) -> Result<ShopUpdate, String> {
+    pub fn parse(template: &str, dialect: Dialect) -> Result<ShopUpdate, TemplateError> {
         let chars: Vec<char> = template.chars().collect();
         let mut sql = String::with_capacity(template.len());
         let mut params = Vec::new();
@@ -63,7 +78,7 @@ impl ShopUpdate {
                     let end = chars[i + 1..]
                         .iter()
                         .position(|&d| d == c)
-                        .ok_or_else(|| format!("unterminated {c} quote"))?;
+                        .ok_or(TemplateError::UnterminatedQuote(c))?;
                     sql.extend(&chars[i..=i + 1 + end]);
                     i += end + 2;
                 }
@@ -78,7 +93,7 @@ impl ShopUpdate {
                 '/' if chars.get(i + 1) == Some(&'*') => {
                     let end = (i + 2..chars.len().saturating_sub(1))
                         .find(|&j| chars[j] == '*' && chars[j + 1] == '/')
-                        .ok_or("unterminated comment")?;
+                        .ok_or(TemplateError::UnterminatedComment)?;
                     sql.extend(&chars[i..end + 2]);
                     i = end + 2;
                 }
@@ -93,9 +108,7 @@ impl ShopUpdate {
                         .position(|d| !(d.is_ascii_alphanumeric() || *d == '_'))
                         .unwrap_or(chars.len() - i - 1);
                     let name: String = chars[i + 1..i + 1 + len].iter().collect();
-                    let p = ShopParam::of_name(&name).ok_or_else(|| {
-                        format!("unknown placeholder :{name} (known: :url, :record_id, :vendor_id, :variant, :job_id)")
-                    })?;
+                    let p = ShopParam::of_name(&name).ok_or(TemplateError::UnknownPlaceholder(name))?;
                     params.push(p);
                     match dialect {
                         Dialect::Postgres => sql.push_str(&format!("${}", params.len())),
@@ -103,9 +116,9 @@ impl ShopUpdate {
                     }
                     i += 1 + len;
                 }
-                '?' => return Err("use named placeholders (:url, :record_id, ...), not ?".into()),
+                '?' => return Err(TemplateError::Positional("?")),
                 '$' if chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()) => {
-                    return Err("use named placeholders (:url, :record_id, ...), not $n".into())
+                    return Err(TemplateError::Positional("$n"))
                 }
                 _ => {
                     sql.push(c);
@@ -114,7 +127,7 @@ impl ShopUpdate {
             }
         }
         if params.is_empty() {
-            return Err("the statement uses no placeholder, so it would write the same to every row".into());
+            return Err(TemplateError::NoPlaceholder);
         }
         Ok(ShopUpdate { sql, params })
     }
@@ -156,10 +169,25 @@ mod tests {
 
     #[test]
     fn shop_templates_with_unknown_or_positional_placeholders_are_refused() {
-        assert!(ShopUpdate::parse("UPDATE p SET u = :uri", Dialect::MySql).is_err());
-        assert!(ShopUpdate::parse("UPDATE p SET u = ? WHERE id = :record_id", Dialect::MySql).is_err());
-        assert!(ShopUpdate::parse("UPDATE p SET u = $1", Dialect::Postgres).is_err());
-        assert!(ShopUpdate::parse("UPDATE p SET u = 'x'", Dialect::Sqlite).is_err());
-        assert!(ShopUpdate::parse("UPDATE p SET u = 'x", Dialect::Sqlite).is_err());
+        assert_eq!(
+            ShopUpdate::parse("UPDATE p SET u = :uri", Dialect::MySql),
+            Err(TemplateError::UnknownPlaceholder("uri".into()))
+        );
+        assert_eq!(
+            ShopUpdate::parse("UPDATE p SET u = ? WHERE id = :record_id", Dialect::MySql),
+            Err(TemplateError::Positional("?"))
+        );
+        assert_eq!(
+            ShopUpdate::parse("UPDATE p SET u = $1", Dialect::Postgres),
+            Err(TemplateError::Positional("$n"))
+        );
+        assert_eq!(
+            ShopUpdate::parse("UPDATE p SET u = 'x'", Dialect::Sqlite),
+            Err(TemplateError::NoPlaceholder)
+        );
+        assert_eq!(
+            ShopUpdate::parse("UPDATE p SET u = 'x", Dialect::Sqlite),
+            Err(TemplateError::UnterminatedQuote('\''))
+        );
     }
 }
