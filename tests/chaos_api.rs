@@ -8,7 +8,7 @@ mod chaos;
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chaos::*;
 use rand::{Rng, SeedableRng};
@@ -21,41 +21,32 @@ async fn api_killed_during_submits_makes_one_job_per_key() {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
-    let started = Instant::now();
-
-    let (accepted, kills) = with_faults(
-        async move {
-            // Eight clients at once, so that kills land mid-request.
-            let ids = c.submit_load(load, 8, spread).await;
-            ids
-        },
-        |stop| async move {
-            let mut rng = rand::rngs::StdRng::from_os_rng();
-            let mut kills = 0usize;
-            loop {
-                let pause = Duration::from_millis(rng.random_range(300..1_000));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
+    // Eight clients at once, so that kills land mid-request; the API is
+    // killed while submits go on, then left to answer the checks.
+    let flow = Flow {
+        faults_while: FaultsWhile::Submitting,
+        ..Flow::standard(8)
+    };
+    let ran = run(c, flow, |stop| async move {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let mut kills = 0usize;
+        while pause(&stop, Duration::from_millis(rng.random_range(300..1_000))).await {
+            // Aim at a request in flight, if one comes within 0.5 s: a kill
+            // between requests only tests refused connections.
+            for _ in 0..100 {
+                if c.in_flight.load(Ordering::SeqCst) > 0 {
+                    break;
                 }
-                // Aim at a request in flight, if one comes within 0.5 s:
-                // a kill between requests only tests refused connections.
-                for _ in 0..100 {
-                    if c.in_flight.load(Ordering::SeqCst) > 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                c.kill_api().await;
-                c.start_api().await;
-                kills += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            kills
-        },
-    )
+            c.kill_api().await;
+            c.start_api().await;
+            kills += 1;
+        }
+        kills
+    })
     .await;
-    let submitted = started.elapsed();
+    let (accepted, kills) = (ran.accepted, ran.faults);
     let retried = c.retried_submits.load(Ordering::Relaxed);
     let found = c.found_by_retry.load(Ordering::Relaxed);
 
@@ -78,10 +69,11 @@ async fn api_killed_during_submits_makes_one_job_per_key() {
     assert!(kills >= 5, "only {kills} API kills: the submits finished too soon");
     assert!(retried > 0, "no submit was ever cut off: the faults missed");
     println!(
-        "{} images in {} jobs, API killed {kills} times, {retried} submit attempts cut off and retried ({found} found the job their cut-off attempt had made), submits done in {submitted:.1?}, all done in {:.1?}; {} result rows, {} objects",
+        "{} images in {} jobs, API killed {kills} times, {retried} submit attempts cut off and retried ({found} found the job their cut-off attempt had made), submits done in {:.1?}, all done in {:.1?}; {} result rows, {} objects",
         checked.images,
         checked.jobs,
-        started.elapsed(),
+        ran.submitted,
+        ran.flowed,
         checked.rows,
         checked.objects
     );

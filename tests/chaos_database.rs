@@ -32,7 +32,7 @@ async fn a_database_outage_of_20_s_loses_and_duplicates_nothing() {
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
     let outage = Duration::from_secs(20);
-    let ran = run(c, 4, |stop| {
+    let ran = run(c, Flow::standard(4), |stop| {
         let db = db.clone();
         async move {
             let (mut outages, mut down_for) = (0usize, Duration::ZERO);

@@ -55,10 +55,14 @@ async fn the_primary_killed_three_times_under_sentinel_loses_no_accepted_job() {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(30);
-    let started = Instant::now();
-
-    let (mut accepted, (failovers, probes)) = tokio::join!(c.submit_load(load, 4, spread), async {
+    let flow = Flow {
+        spread: Duration::from_secs(30),
+        ..Flow::standard(4)
+    };
+    let (set, ann) = (&mut set, &announcements);
+    // A fixed number of kills, each once work is in flight on every stage.
+    let ran = run(c, flow, move |_stop| async move {
+        let announcements = ann;
         let mut failovers = Vec::new();
         let probes = std::sync::Mutex::new(Vec::new());
         for _ in 0..KILLS {
@@ -112,9 +116,10 @@ async fn the_primary_killed_three_times_under_sentinel_loses_no_accepted_job() {
             failovers.push((promoted, unavailable, first_completed));
         }
         (failovers, probes.into_inner().unwrap())
-    });
+    })
+    .await;
+    let (mut accepted, (failovers, probes), flowed) = (ran.accepted, ran.faults, ran.flowed);
     accepted.extend(probes);
-    let flowed = started.elapsed();
     c.assert_workers_alive().await;
     let checked = check_invariants(
         c,

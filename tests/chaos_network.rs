@@ -134,7 +134,7 @@ async fn delays_stalls_and_resets_between_workers_and_redis_lose_and_duplicate_n
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let ran = run(c, 4, |stop| async move {
+    let ran = run(c, Flow::standard(4), |stop| async move {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let mut injected = Injected::default();
         while pause(&stop, Duration::from_millis(rng.random_range(500..1_500))).await {

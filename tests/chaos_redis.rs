@@ -53,29 +53,6 @@ async fn kill_and_restart(env: &TestEnv, fsync: Fsync) -> RedisServer {
     }
 }
 
-/// Waits until every job is terminal or gone from Redis; returns the gone.
-async fn settle(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (mut open, mut gone) = (0, Vec::new());
-        for id in ids {
-            match c.env.jobs.get(None, id).await {
-                Ok(Some(v)) if v.is_terminal() => {}
-                Ok(None) => gone.push(id.clone()),
-                _ => open += 1,
-            }
-        }
-        if open == 0 {
-            return gone;
-        }
-        if Instant::now() >= deadline {
-            // Fails with the stuck jobs and the logs.
-            wait_terminal(c, ids, Duration::ZERO).await;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 struct Run {
     accepted: Vec<String>,
     /// Accepted jobs whose record Redis no longer has.
@@ -95,35 +72,24 @@ async fn kill_redis_under_load(fsync: Fsync) -> Run {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
-    let started = Instant::now();
-
-    let ((accepted, forgotten), (kills, _current)) = with_faults(
-        async move {
-            let ids = c.submit_load(load, 4, spread).await;
-            let gone = settle(c, &ids, Duration::from_secs(240)).await;
-            (ids, gone)
-        },
-        |stop| async move {
-            let mut rng = rand::rngs::StdRng::from_os_rng();
-            let mut kills = 0usize;
-            // The latest restarted server; dropping it would stop it.
-            let mut current = None;
-            loop {
-                let pause = Duration::from_millis(rng.random_range(1_000..2_000));
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                current = Some(kill_and_restart(&c.env, fsync).await);
-                kills += 1;
-                c.assert_workers_alive().await;
-            }
-            (kills, current)
-        },
-    )
+    let flow = Flow {
+        forgotten_jobs_end: true,
+        ..Flow::standard(4)
+    };
+    let ran = run(c, flow, |stop| async move {
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let mut kills = 0usize;
+        // The latest restarted server; dropping it would stop it.
+        let mut current = None;
+        while pause(&stop, Duration::from_millis(rng.random_range(1_000..2_000))).await {
+            current = Some(kill_and_restart(&c.env, fsync).await);
+            kills += 1;
+            c.assert_workers_alive().await;
+        }
+        (kills, current)
+    })
     .await;
-    let flowed = started.elapsed();
+    let (accepted, forgotten, (kills, _current), flowed) = (ran.accepted, ran.forgotten, ran.faults, ran.flowed);
 
     c.assert_workers_alive().await;
     let survivors: Vec<String> = accepted.iter().filter(|j| !forgotten.contains(j)).cloned().collect();

@@ -20,7 +20,7 @@ async fn workers_killed_at_random_lose_and_duplicate_nothing() {
     c.start_api().await;
     let announcements = Announcements::listen(&c.env).await;
     let load = Load::standard();
-    let ran = run(c, 4, |stop| async move {
+    let ran = run(c, Flow::standard(4), |stop| async move {
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let (mut kills, mut orphaned) = (0usize, 0usize);
         while pause(&stop, Duration::from_millis(rng.random_range(1_000..2_000))).await {

@@ -776,39 +776,116 @@ where
     tokio::join!(w, f)
 }
 
-/// What a chaos run did: the jobs accepted, the faults' own report, and how
-/// long the load took from the first submit to its last job's end.
+/// What a chaos run did: the jobs accepted (and, when the flow allows it,
+/// those Redis has forgotten), the faults' own report, how long the
+/// submits took and how long the load took from the first submit to its
+/// last job's end.
 pub struct Ran<R> {
     pub accepted: Vec<String>,
+    /// Accepted jobs whose record Redis no longer has (only with
+    /// [`Flow::forgotten_jobs_end`]; otherwise such a job fails the run).
+    pub forgotten: Vec<String>,
     pub faults: R,
+    pub submitted: Duration,
     pub flowed: Duration,
 }
 
-/// The scaffold the chaos tests share: the standard load, submitted by
-/// `parallel` clients over 15 s (60 s with `CHAOS_HEAVY`), waited to its
-/// end, while `faults` runs until then (it gets the token that says the
-/// load is done). Each test states only its fault and its check.
-pub async fn run<F, Fut>(c: &Cluster, parallel: usize, faults: F) -> Ran<Fut::Output>
+/// While the faults run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultsWhile {
+    /// Until every job has ended.
+    Flowing,
+    /// Until every job is submitted (the API's faults: what they break is
+    /// submits).
+    Submitting,
+}
+
+/// A chaos run's load: the standard number of images, sent by `parallel`
+/// clients over `spread`.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    pub parallel: usize,
+    pub spread: Duration,
+    pub faults_while: FaultsWhile,
+    /// A job Redis forgot (a kill that lost its write) counts as ended.
+    pub forgotten_jobs_end: bool,
+}
+
+impl Flow {
+    /// Over 15 s (60 s with `CHAOS_HEAVY`), faults until every job ended.
+    pub fn standard(parallel: usize) -> Flow {
+        Flow {
+            parallel,
+            spread: Duration::from_secs(if heavy() { 60 } else { 15 }),
+            faults_while: FaultsWhile::Flowing,
+            forgotten_jobs_end: false,
+        }
+    }
+}
+
+/// The scaffold the chaos tests share: `flow`'s load submitted and waited
+/// to its end (240 s at most), while `faults` runs (it gets the token that
+/// says the flow is done; one that ends by itself sooner is fine). Each
+/// test states only its fault and its check.
+pub async fn run<F, Fut>(c: &Cluster, flow: Flow, faults: F) -> Ran<Fut::Output>
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future,
 {
     let load = Load::standard();
-    let spread = Duration::from_secs(if heavy() { 60 } else { 15 });
-    let started = std::time::Instant::now();
-    let (accepted, faults) = with_faults(
-        async move {
-            let ids = c.submit_load(load, parallel, spread).await;
-            wait_terminal(c, &ids, Duration::from_secs(240)).await;
-            ids
-        },
-        faults,
-    )
-    .await;
+    let started = Instant::now();
+    let submitted = std::sync::OnceLock::new();
+    let submit = async {
+        let ids = c.submit_load(load, flow.parallel, flow.spread).await;
+        let _ = submitted.set(started.elapsed());
+        ids
+    };
+    let end = |ids: Vec<String>| async move {
+        let limit = Duration::from_secs(240);
+        let forgotten = if flow.forgotten_jobs_end {
+            settle(c, &ids, limit).await
+        } else {
+            wait_terminal(c, &ids, limit).await;
+            Vec::new()
+        };
+        (ids, forgotten)
+    };
+    let ((accepted, forgotten), faults) = match flow.faults_while {
+        FaultsWhile::Flowing => with_faults(async { end(submit.await).await }, faults).await,
+        FaultsWhile::Submitting => {
+            let (ids, faults) = with_faults(submit, faults).await;
+            (end(ids).await, faults)
+        }
+    };
     Ran {
         accepted,
+        forgotten,
         faults,
+        submitted: submitted.get().copied().unwrap_or_default(),
         flowed: started.elapsed(),
+    }
+}
+
+/// Waits until every job is terminal or gone from Redis; returns the gone.
+pub async fn settle(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (mut open, mut gone) = (0, Vec::new());
+        for id in ids {
+            match c.env.jobs.get(None, id).await {
+                Ok(Some(v)) if v.is_terminal() => {}
+                Ok(None) => gone.push(id.clone()),
+                _ => open += 1,
+            }
+        }
+        if open == 0 {
+            return gone;
+        }
+        if Instant::now() >= deadline {
+            // Fails with the stuck jobs and the logs.
+            wait_terminal(c, ids, Duration::ZERO).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
