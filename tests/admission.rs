@@ -60,7 +60,7 @@ impl Stage for RecordVanishes {
 }
 
 async fn admitted(p: &Pipeline) -> i64 {
-    let mut conn = crate::common::redis_conn(&p).await;
+    let mut conn = crate::common::redis_conn(p).await;
     let n: Option<i64> = conn.get(p.keys.admitted()).await.unwrap();
     n.unwrap_or(0)
 }
@@ -70,7 +70,7 @@ type PendingSummary = (u64, Option<String>, Option<String>, Option<Vec<(String, 
 
 /// Entries pending in resize's group.
 async fn resize_pending(p: &Pipeline) -> u64 {
-    let mut conn = crate::common::redis_conn(&p).await;
+    let mut conn = crate::common::redis_conn(p).await;
     let summary: PendingSummary = redis::cmd("XPENDING")
         .arg(p.keys.stream(StageName::Resize))
         .arg("resize")

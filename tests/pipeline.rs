@@ -190,7 +190,7 @@ async fn trimming_never_removes_a_pending_or_undelivered_entry() {
     image_queue_pipeline::runner::ensure_group(p, StageName::Resize)
         .await
         .unwrap();
-    let mut conn = crate::common::redis_conn(&p).await;
+    let mut conn = crate::common::redis_conn(p).await;
     let mut ids = Vec::new();
     for i in 0..10 {
         let id: String = conn.xadd(&stream, "*", &[("e", i.to_string())]).await.unwrap();
