@@ -76,7 +76,9 @@ async fn a_submit_is_accepted_only_once_a_replica_has_it() {
         .env("REDIS_URL", primary.url())
         .env("IMAGE_QUEUE_DATA_DIR", dir.path())
         .env("IMAGE_QUEUE_REDIS__MIN_REPLICAS", "1")
-        .env("IMAGE_QUEUE_REDIS__WAIT_TIMEOUT_MS", "300")
+        // Long enough that a loaded machine does not refuse the first
+        // submit, whose replica is there; the paused one waits it out.
+        .env("IMAGE_QUEUE_REDIS__WAIT_TIMEOUT_MS", "2000")
         .env("RUST_LOG", "warn")
         .args(["api", "--listen", &addr])
         .kill_on_drop(true)
