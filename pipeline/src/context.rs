@@ -9,7 +9,7 @@ use crate::blob::BlobStore;
 use crate::connection::Conn;
 use crate::endpoint::Endpoint;
 use crate::keys::Keys;
-use crate::scripts::Scripts;
+use crate::lua::Scripts;
 
 #[derive(Clone)]
 pub struct Pipeline {

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::context::Pipeline;
 use crate::event::StageName;
+use crate::heartbeat::Heartbeat;
 use crate::now_ms;
-use crate::runner::Heartbeat;
 
 /// Most waiting events per stage (and per retry set) read for the
 /// per-vendor backlog.

@@ -25,8 +25,8 @@ use tracing::{debug, warn};
 
 use crate::context::Pipeline;
 use crate::event::ImageEvent;
+use crate::heartbeat::Heartbeat;
 use crate::now_ms;
-use crate::runner::Heartbeat;
 pub use crate::scripts::Reconciled;
 use crate::scripts::{ChargeQuotas, Charged, Committed, Dispatch, Planned, ReconcileAdmitted};
 use window::{WindowChoice, WindowPolicy};

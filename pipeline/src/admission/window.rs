@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::event::StageName;
-use crate::runner::Heartbeat;
+use crate::heartbeat::Heartbeat;
 
 /// What one stage's live workers report, summed.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

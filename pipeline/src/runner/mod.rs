@@ -12,7 +12,6 @@
 
 mod config;
 mod finisher;
-mod heartbeat;
 mod maintenance;
 mod steps;
 
@@ -31,13 +30,13 @@ use crate::admission::{Admission, WindowSettings};
 use crate::consumer::{Consumer, Delivery, Work};
 pub use crate::context::Pipeline;
 use crate::event::{ImageEvent, StageName, EVENT_FIELD};
+pub use crate::heartbeat::Heartbeat;
+use crate::heartbeat::ServiceTime;
 use crate::now_ms;
 use crate::scripts::Finished;
 use crate::stage::{Outcome, Stage, StageError};
 pub use config::RunnerConfig;
 use finisher::Finisher;
-pub use heartbeat::Heartbeat;
-use heartbeat::ServiceTime;
 use steps::Step;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 //! script builds a key. The test suite runs them with `track_keys.lua` in
 //! front, which fails a call that names any other key.
 
-use redis::Script;
+pub use crate::lua::{tracking_keys, with_lib, Scripts};
 
 pub mod cancel;
 pub mod dead;
@@ -41,86 +41,11 @@ pub use settle_webhook::SettleWebhook;
 pub use submit::{RecordJob, Recorded};
 pub use trim::TrimAcknowledged;
 
-const LIB: &str = include_str!("lib.lua");
-const TRACK_KEYS: &str = include_str!("track_keys.lua");
-
 /// A yes/no argument as the scripts read it ('1' or '0').
 pub(crate) fn flag(b: bool) -> &'static str {
     if b {
         "1"
     } else {
         "0"
-    }
-}
-
-/// A script with `lib.lua` in front, the statuses' tables before that
-/// (`status::lua_tables`), and `prelude` first.
-pub fn with_lib(prelude: &str, body: &str) -> Script {
-    let statuses = crate::status::lua_tables();
-    Script::new(&format!("{prelude}\n{statuses}\n{LIB}\n{body}"))
-}
-
-/// `body` run so that naming a key not passed in KEYS is an error
-/// (`track_keys.lua`), for tests.
-pub fn tracking_keys(body: &str) -> Script {
-    with_lib(TRACK_KEYS, body)
-}
-
-/// Every script, loaded once per process. Only the typed calls beside
-/// this module run them (the fields are not public).
-pub struct Scripts {
-    pub(crate) submit: Script,
-    pub(crate) finish: Script,
-    pub(crate) retry: Script,
-    pub(crate) dead: Script,
-    pub(crate) promote: Script,
-    pub(crate) trim: Script,
-    pub(crate) cancel: Script,
-    pub(crate) reap_consumers: Script,
-    pub(crate) dispatch: Script,
-    pub(crate) rate_limit: Script,
-    pub(crate) replay: Script,
-    pub(crate) quota: Script,
-    pub(crate) promote_webhooks: Script,
-    pub(crate) settle_webhook: Script,
-    pub(crate) reconcile_admitted: Script,
-}
-
-impl Scripts {
-    pub fn new() -> Self {
-        Self::with_prelude("")
-    }
-
-    /// The scripts with key tracking in front (`track_keys.lua`): the test
-    /// suite runs them, so a script that derives a key fails its tests.
-    pub fn tracking_keys() -> Self {
-        Self::with_prelude(TRACK_KEYS)
-    }
-
-    fn with_prelude(prelude: &str) -> Self {
-        let s = |body: &str| with_lib(prelude, body);
-        Scripts {
-            submit: s(include_str!("submit.lua")),
-            finish: s(include_str!("finish.lua")),
-            retry: s(include_str!("retry.lua")),
-            dead: s(include_str!("dead.lua")),
-            promote: s(include_str!("promote.lua")),
-            trim: s(include_str!("trim.lua")),
-            cancel: s(include_str!("cancel.lua")),
-            reap_consumers: s(include_str!("reap_consumers.lua")),
-            dispatch: s(include_str!("dispatch.lua")),
-            rate_limit: s(include_str!("rate_limit.lua")),
-            replay: s(include_str!("replay.lua")),
-            quota: s(include_str!("quota.lua")),
-            promote_webhooks: s(include_str!("promote_webhooks.lua")),
-            settle_webhook: s(include_str!("settle_webhook.lua")),
-            reconcile_admitted: s(include_str!("reconcile_admitted.lua")),
-        }
-    }
-}
-
-impl Default for Scripts {
-    fn default() -> Self {
-        Self::new()
     }
 }

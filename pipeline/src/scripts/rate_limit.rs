@@ -4,7 +4,31 @@
 //! `keys.rs`.
 
 use crate::context::Pipeline;
-use crate::rate_limits::{Spend, Verdict};
+
+/// One limit a request is checked against.
+#[derive(Debug, Clone)]
+pub struct Spend<'a> {
+    /// The limit's name and who it counts (a vendor, an address).
+    pub name: &'a str,
+    pub subject: &'a str,
+    /// Units allowed per window.
+    pub max: u64,
+    pub window_ms: u64,
+    /// Units this request uses; 0 only reads what is left.
+    pub cost: u64,
+}
+
+/// What the limits said: whether the request was admitted (and recorded),
+/// which limit refused it (index into the spends) and in how many ms it
+/// could pass, and per limit the units left and the ms until its oldest
+/// unit leaves the window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub admitted: bool,
+    pub refused_by: Option<usize>,
+    pub retry_after_ms: u64,
+    pub left: Vec<(u64, u64)>,
+}
 
 /// Check (and, when every limit admits it, record) a request that spends
 /// `spends`.

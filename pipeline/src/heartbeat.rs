@@ -2,8 +2,9 @@
 //!
 //! Owns the heartbeat's shape (read by `stats` and by the admission
 //! window's sizing) and the moving average of how long the handler takes,
-//! from which a worker's capacity is derived. It does not publish: the
-//! runner's maintenance does.
+//! from which a worker's capacity is derived. It does not publish (the
+//! runner's maintenance does) and reads nothing from Redis (`stats` and
+//! `admission` read the heartbeats).
 
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ pub struct Heartbeat {
 
 /// heartbeat (the admission window is sized from it).
 #[derive(Default)]
-pub(super) struct ServiceTime {
+pub(crate) struct ServiceTime {
     /// Milliseconds one unit of work (an event, or a batch) takes.
     unit_ms: Option<f64>,
     /// Events in a unit.
@@ -54,7 +55,7 @@ impl ServiceTime {
     /// a few dozen events, and one odd image does not swing it.
     const ALPHA: f64 = 0.1;
 
-    pub(super) fn observe(&mut self, took: Duration, events: usize) {
+    pub(crate) fn observe(&mut self, took: Duration, events: usize) {
         let ms = took.as_secs_f64() * 1000.0;
         let n = events.max(1) as f64;
         match self.unit_ms {
@@ -70,7 +71,7 @@ impl ServiceTime {
         self.last_ms = now_ms();
     }
 
-    pub(super) fn describe(&self, mut beat: Heartbeat, concurrency: usize) -> Heartbeat {
+    pub(crate) fn describe(&self, mut beat: Heartbeat, concurrency: usize) -> Heartbeat {
         if let Some(unit_ms) = self.unit_ms {
             let unit_ms = unit_ms.max(0.01);
             beat.service_ms = Some(unit_ms);
