@@ -39,8 +39,8 @@ fn valid_stream_id(id: &str) -> bool {
     ),
     responses(
         (status = 200, description = "`{entries, next_cursor}`", body = Object),
-        (status = 401, description = "No valid key", body = crate::openapi::ErrorBody),
-        (status = 403, description = "A vendor key, not the admin key", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid key", body = crate::bodies::ErrorBody),
+        (status = 403, description = "A vendor key, not the admin key", body = crate::bodies::ErrorBody),
     ))]
 pub async fn dead_letters(
     State(state): State<AppState>,
@@ -96,9 +96,9 @@ pub struct NewVendor {
     request_body(content = NewVendor, content_type = "application/json"),
     responses(
         (status = 201, description = "`{vendor_id, api_key, weight}`: the key is shown only here", body = Object),
-        (status = 401, description = "No valid key", body = crate::openapi::ErrorBody),
-        (status = 403, description = "A vendor key, not the admin key", body = crate::openapi::ErrorBody),
-        (status = 422, description = "Invalid vendor id or weight", body = crate::openapi::ErrorBody),
+        (status = 401, description = "No valid key", body = crate::bodies::ErrorBody),
+        (status = 403, description = "A vendor key, not the admin key", body = crate::bodies::ErrorBody),
+        (status = 422, description = "Invalid vendor id or weight", body = crate::bodies::ErrorBody),
     ))]
 pub async fn add_vendor(
     State(state): State<AppState>,

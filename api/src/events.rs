@@ -191,9 +191,9 @@ fn job_event(name: &str, job: &JobView) -> Event {
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "text/event-stream of `job`, `progress` and a final `done` event", content_type = "text/event-stream", body = String),
-        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited, or too many open streams; see Retry-After", body = crate::openapi::ErrorBody)
+        (status = 404, description = "No such job of the caller's", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody),
+        (status = 429, description = "Rate limited, or too many open streams; see Retry-After", body = crate::bodies::ErrorBody)
     ))]
 pub async fn job_events(
     State(state): State<AppState>,

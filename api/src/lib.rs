@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bodies;
 pub mod dashboard;
 pub mod error;
 pub mod events;

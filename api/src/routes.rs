@@ -172,15 +172,15 @@ fn check_url(state: &AppState, u: &str) -> Result<(), ApiError> {
     description = "Submit a job: JSON with image URLs, or multipart/form-data with `images` files, one `record_id` per image and `operations` (comma-separated). An `Idempotency-Key` header makes retries safe.",
     request_body(content = JsonJob, content_type = "application/json"),
     responses(
-        (status = 202, description = "Queued", body = crate::openapi::Submitted),
-        (status = 200, description = "An earlier submit with this Idempotency-Key made this job", body = crate::openapi::Submitted),
-        (status = 400, description = "Malformed body, or a record_id with control characters", body = crate::openapi::ErrorBody),
-        (status = 413, description = "Too many images, or an image too large", body = crate::openapi::ErrorBody),
-        (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::openapi::ErrorBody),
-        (status = 422, description = "Invalid job (unknown field or operation, bad URL), or an Idempotency-Key reused with a different request", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody),
-        (status = 503, description = "Redis cannot take the job now (out of memory, loading); see Retry-After", body = crate::openapi::ErrorBody)
+        (status = 202, description = "Queued", body = crate::bodies::Submitted),
+        (status = 200, description = "An earlier submit with this Idempotency-Key made this job", body = crate::bodies::Submitted),
+        (status = 400, description = "Malformed body, or a record_id with control characters", body = crate::bodies::ErrorBody),
+        (status = 413, description = "Too many images, or an image too large", body = crate::bodies::ErrorBody),
+        (status = 415, description = "Not JSON or multipart, or a file that is not an image", body = crate::bodies::ErrorBody),
+        (status = 422, description = "Invalid job (unknown field or operation, bad URL), or an Idempotency-Key reused with a different request", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::bodies::ErrorBody),
+        (status = 503, description = "Redis cannot take the job now (out of memory, loading); see Retry-After", body = crate::bodies::ErrorBody)
     ))]
 pub async fn submit(
     State(state): State<AppState>,
@@ -404,9 +404,9 @@ fn hex_of(s: &str) -> String {
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "The job and its images", body = Object),
-        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+        (status = 404, description = "No such job of the caller's", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::bodies::ErrorBody)
     ))]
 pub async fn get_job(
     State(state): State<AppState>,
@@ -423,10 +423,10 @@ pub async fn get_job(
     params(("id" = String, Path, description = "The job id")),
     responses(
         (status = 200, description = "Cancelled; the job as it now is", body = Object),
-        (status = 404, description = "No such job of the caller's", body = crate::openapi::ErrorBody),
-        (status = 409, description = "The job has already ended", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+        (status = 404, description = "No such job of the caller's", body = crate::bodies::ErrorBody),
+        (status = 409, description = "The job has already ended", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::bodies::ErrorBody)
     ))]
 pub async fn cancel(
     State(state): State<AppState>,
@@ -464,9 +464,9 @@ pub struct ListQuery {
     ),
     responses(
         (status = 200, description = "`{jobs, next_cursor}`", body = Object),
-        (status = 400, description = "An unknown status", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody),
-        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::openapi::ErrorBody)
+        (status = 400, description = "An unknown status", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody),
+        (status = 429, description = "Rate limited; see Retry-After and RateLimit", body = crate::bodies::ErrorBody)
     ))]
 pub async fn list(
     State(state): State<AppState>,

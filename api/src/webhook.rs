@@ -36,8 +36,8 @@ fn hooks(state: &AppState) -> Webhooks {
     request_body(content = SetWebhook, content_type = "application/json"),
     responses(
         (status = 200, description = "Set; `{url, secret}`", body = Object),
-        (status = 422, description = "Not an http(s) URL", body = crate::openapi::ErrorBody),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody)
+        (status = 422, description = "Not an http(s) URL", body = crate::bodies::ErrorBody),
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody)
     ))]
 pub async fn set(
     State(state): State<AppState>,
@@ -60,7 +60,7 @@ pub async fn set(
 #[utoipa::path(get, path = "/api/image-queue/webhook", tag = "webhooks",
     responses(
         (status = 200, description = "`{url}`, null when none is set; never the secret", body = Object),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody)
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody)
     ))]
 pub async fn get(State(state): State<AppState>, vendor: Vendor) -> Result<Response, ApiError> {
     let hook = hooks(&state).get(&vendor.0).await?;
@@ -71,7 +71,7 @@ pub async fn get(State(state): State<AppState>, vendor: Vendor) -> Result<Respon
 #[utoipa::path(delete, path = "/api/image-queue/webhook", tag = "webhooks",
     responses(
         (status = 204, description = "Removed (or there was none)"),
-        (status = 401, description = "No valid API key", body = crate::openapi::ErrorBody)
+        (status = 401, description = "No valid API key", body = crate::bodies::ErrorBody)
     ))]
 pub async fn remove(State(state): State<AppState>, vendor: Vendor) -> Result<Response, ApiError> {
     hooks(&state).remove(&vendor.0).await?;
