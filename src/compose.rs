@@ -2,6 +2,7 @@
 //! or the one `up` runs on the same data directory), each stage from its
 //! configuration, the API on a bound listener, webhook delivery.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -15,18 +16,27 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::Config;
-use crate::up;
+
+/// The file, in the data directory, naming the Redis `up` runs on.
+pub const REDIS_URL_FILE: &str = "redis.url";
+
+/// The Redis URL `up` left in `data_dir`, if any.
+pub fn redis_url_of(data_dir: &Path) -> Option<String> {
+    let url = std::fs::read_to_string(data_dir.join(REDIS_URL_FILE)).ok()?;
+    let url = url.trim();
+    (!url.is_empty()).then(|| url.to_string())
+}
 
 pub async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
     // No Redis given: the one `up` runs on this data directory, if any.
     let (redis_url, from_up) = if config.redis_url.is_empty() {
-        match up::redis_url_of(&config.data_dir) {
+        match redis_url_of(&config.data_dir) {
             Some(url) => (url, true),
             None => bail!(
                 "no Redis given: pass --redis-url or set REDIS_URL, or run this with the --data-dir of a running \
                  `image-queue up` ({} has no {})",
                 config.data_dir.display(),
-                up::REDIS_URL_FILE
+                REDIS_URL_FILE
             ),
         }
     } else {
@@ -46,7 +56,7 @@ pub async fn connect(config: &Config) -> anyhow::Result<Pipeline> {
                 format!(
                     "connecting to Redis at {} (the one `image-queue up` wrote into {}: is it still running?)",
                     redact(&redis_url),
-                    config.data_dir.join(up::REDIS_URL_FILE).display()
+                    config.data_dir.join(REDIS_URL_FILE).display()
                 )
             } else {
                 format!("connecting to Redis at {}", redact(&redis_url))

@@ -24,21 +24,13 @@ use image_queue_pipeline::{Pipeline, StageName};
 use image_queue_stages::BgRemovalConfig;
 use tracing::{error, info};
 
+use crate::compose::REDIS_URL_FILE;
 use crate::config::Config;
 
-/// The file, in the data directory, naming the Redis `up` runs on.
-pub const REDIS_URL_FILE: &str = "redis.url";
 const LOCK_FILE: &str = "up.lock";
 const DEMO_KEY_FILE: &str = "demo-vendor.key";
 const ADMIN_KEY_FILE: &str = "admin.key";
 const REDIS_PASSWORD_FILE: &str = "redis.password";
-
-/// The Redis URL `up` left in `data_dir`, if any.
-pub fn redis_url_of(data_dir: &Path) -> Option<String> {
-    let url = std::fs::read_to_string(data_dir.join(REDIS_URL_FILE)).ok()?;
-    let url = url.trim();
-    (!url.is_empty()).then(|| url.to_string())
-}
 
 /// An exclusive `flock` on `<data_dir>/up.lock`, held while the file stays
 /// open (by this process, or by the embedded redis-server that inherits
