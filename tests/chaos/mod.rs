@@ -21,7 +21,7 @@ use rand::Rng;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{product_png, TestEnv};
+use crate::common::{product_png, result_rows, TestEnv};
 
 pub const VENDOR: &str = "vendor-a";
 /// The resize stage's default variants: every image has one object and one
@@ -691,54 +691,10 @@ pub async fn check_invariants_sparing(
 /// Waits until every job's record is terminal, polling the records (the
 /// only signal that survives a Redis restart).
 pub async fn wait_terminal(c: &Cluster, ids: &[String], timeout: Duration) -> Vec<JobView> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut views = Vec::with_capacity(ids.len());
-        let mut open = 0;
-        for id in ids {
-            match c.env.jobs.get(None, id).await {
-                Ok(Some(v)) if v.is_terminal() => views.push(v),
-                Ok(Some(v)) => {
-                    open += 1;
-                    views.push(v);
-                }
-                _ => open += 1,
-            }
-        }
-        if open == 0 {
-            return views;
-        }
-        if Instant::now() >= deadline {
-            let stuck: Vec<_> = views.iter().filter(|v| !v.is_terminal()).take(2).collect();
-            let stats = image_queue_pipeline::stats::collect(&c.env.pipeline).await;
-            panic!(
-                "{open} of {} jobs still open after {timeout:?}: {stuck:#?}\nstats: {stats:#?}\nlogs:\n{}",
-                ids.len(),
-                c.logs_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match c.env.try_wait_terminal(ids, timeout).await {
+        Ok(views) => views,
+        Err(stuck) => panic!("{stuck}\nlogs:\n{}", c.logs_tail()),
     }
-}
-
-/// Every result row: job, image, variant, URL.
-pub async fn result_rows(database_url: &str) -> Vec<(String, i64, String, String)> {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(database_url).await.unwrap();
-    // MySQL's CAST knows no BIGINT, SQLite's no SIGNED.
-    let int = if database_url.starts_with("mysql") {
-        "SIGNED"
-    } else {
-        "BIGINT"
-    };
-    let rows = sqlx::query_as(&format!(
-        "SELECT job_id, CAST(image_index AS {int}), variant, url FROM image_results"
-    ))
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    pool.close().await;
-    rows
 }
 
 /// Every file under `root`, as `/`-separated paths relative to it.

@@ -163,6 +163,14 @@ impl TestEnv {
     /// Waits until every job is in a terminal state, by polling the job
     /// records (the only signal that survives a Redis restart).
     pub async fn wait_terminal(&self, ids: &[String], timeout: Duration) -> Vec<JobView> {
+        self.try_wait_terminal(ids, timeout)
+            .await
+            .unwrap_or_else(|stuck| panic!("{stuck}"))
+    }
+
+    /// The same, answering with what is stuck (a few of the open jobs and
+    /// the pipeline's figures) instead of failing the test.
+    pub async fn try_wait_terminal(&self, ids: &[String], timeout: Duration) -> Result<Vec<JobView>, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let mut views = Vec::new();
@@ -179,15 +187,15 @@ impl TestEnv {
                 }
             }
             if open == 0 {
-                return views;
+                return Ok(views);
             }
             if Instant::now() >= deadline {
                 let stuck: Vec<_> = views.iter().filter(|v| !v.is_terminal()).take(3).collect();
                 let stats = image_queue_pipeline::stats::collect(&self.pipeline).await;
-                panic!(
+                return Err(format!(
                     "{open} of {} jobs still open after {timeout:?}: {stuck:#?}\nstats: {stats:#?}",
                     ids.len()
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -204,16 +212,13 @@ impl TestEnv {
         FinishedListener { pubsub }
     }
 
+    /// Every result row in the test's database: job, image, variant.
     pub async fn results_rows(&self) -> Vec<(String, i64, String)> {
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::AnyPool::connect(&self.database_url()).await.unwrap();
-        let rows: Vec<(String, i64, String)> =
-            sqlx::query_as("SELECT job_id, CAST(image_index AS BIGINT), variant FROM image_results")
-                .fetch_all(&pool)
-                .await
-                .unwrap();
-        pool.close().await;
-        rows
+        result_rows(&self.database_url())
+            .await
+            .into_iter()
+            .map(|(job, image, variant, _)| (job, image, variant))
+            .collect()
     }
 }
 
@@ -276,4 +281,24 @@ pub async fn redis_conn(p: &Pipeline) -> image_queue_pipeline::Conn {
         .connect(Some(std::time::Duration::from_secs(10)))
         .await
         .expect("a connection to the test's redis-server")
+}
+
+/// Every result row: job, image, variant, URL.
+pub async fn result_rows(database_url: &str) -> Vec<(String, i64, String, String)> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(database_url).await.unwrap();
+    // MySQL's CAST knows no BIGINT, SQLite's no SIGNED.
+    let int = if database_url.starts_with("mysql") {
+        "SIGNED"
+    } else {
+        "BIGINT"
+    };
+    let rows = sqlx::query_as(&format!(
+        "SELECT job_id, CAST(image_index AS {int}), variant, url FROM image_results"
+    ))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    rows
 }

@@ -46,11 +46,6 @@ fn find_program(name: &str) -> PathBuf {
     panic!("`{name}` not found: these tests need a MariaDB server installed (e.g. `apt-get install mariadb-server`)");
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a free port");
-    l.local_addr().unwrap().port()
-}
-
 impl PrivateMariaDb {
     /// Initialises a data directory and starts the server with the given
     /// `max_allowed_packet` (e.g. `"64K"`).
@@ -78,7 +73,7 @@ impl PrivateMariaDb {
         );
         let mut db = PrivateMariaDb {
             dir,
-            port: free_port(),
+            port: image_queue_pipeline::redis_server::free_port().expect("a free port"),
             max_allowed_packet: max_allowed_packet.to_string(),
             child: None,
         };

@@ -104,15 +104,6 @@ pub fn onnxruntime_library() -> PathBuf {
     })
 }
 
-/// A free port on the loopback interface.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A real `rembg s` server, killed when dropped.
 pub struct RembgServer {
     pub port: u16,
@@ -129,7 +120,7 @@ impl RembgServer {
     pub async fn start(port: Option<u16>) -> RembgServer {
         let dir = tempfile::tempdir().unwrap();
         let mut s = RembgServer {
-            port: port.unwrap_or_else(free_port),
+            port: port.unwrap_or_else(|| image_queue_pipeline::redis_server::free_port().expect("a free port")),
             child: None,
             log: dir.path().join("rembg.log"),
             _dir: dir,
