@@ -77,11 +77,10 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             compose::serve_api_on(&config, p, listener, shutdown).await
         }
         Command::Worker {
-            stage,
+            stage: name,
             concurrency,
             metrics_listen,
         } => {
-            let name = stage;
             if let Some(c) = concurrency {
                 if c == 0 {
                     bail!("--concurrency must be at least 1");

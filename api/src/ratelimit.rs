@@ -14,6 +14,8 @@
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use image_queue_stages::fetch::parse_network;
+
 use crate::ApiConfigError;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method};
@@ -83,12 +85,10 @@ impl RateLimitConfig {
         self.trusted_proxies
             .iter()
             .map(|n| {
-                n.parse::<IpNet>()
-                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|source| ApiConfigError::TrustedProxy {
-                        entry: n.clone(),
-                        source,
-                    })
+                parse_network(n).map_err(|source| ApiConfigError::TrustedProxy {
+                    entry: n.clone(),
+                    source,
+                })
             })
             .collect()
     }

@@ -36,6 +36,16 @@ impl StageName {
         StageName::DbCommit,
     ];
 
+    /// The stages after rate-check: an image admitted there holds an
+    /// admission slot while it is in any of them.
+    pub const ADMITTED: [StageName; 5] = [
+        StageName::BgRemoval,
+        StageName::FaceCrop,
+        StageName::Resize,
+        StageName::Upload,
+        StageName::DbCommit,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StageName::RateCheck => "rate-check",
@@ -207,6 +217,13 @@ impl ImageEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_admitted_stages_are_every_stage_after_rate_check() {
+        let after: Vec<StageName> = StageName::ALL[1..].to_vec();
+        assert_eq!(StageName::ALL[0], StageName::RateCheck);
+        assert_eq!(StageName::ADMITTED.to_vec(), after);
+    }
 
     #[test]
     fn next_skips_unrequested_operations() {

@@ -71,6 +71,12 @@ pub enum UrlRefused {
     Host { ip: IpAddr, why: &'static str },
 }
 
+/// A network (`10.0.0.0/8`) or a single address (`10.0.0.7`), as the
+/// configuration's address lists take them.
+pub fn parse_network(s: &str) -> Result<IpNet, std::net::AddrParseError> {
+    s.parse::<IpNet>().or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+}
+
 impl FetchConfig {
     /// The address rules alone: what an API checks before queueing a URL.
     pub fn address_policy(&self) -> Result<AddressPolicy, FetchConfigError> {
@@ -78,12 +84,10 @@ impl FetchConfig {
             .allow_networks
             .iter()
             .map(|n| {
-                n.parse::<IpNet>()
-                    .or_else(|_| n.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|cause| FetchConfigError::Network {
-                        network: n.clone(),
-                        cause,
-                    })
+                parse_network(n).map_err(|cause| FetchConfigError::Network {
+                    network: n.clone(),
+                    cause,
+                })
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(AddressPolicy { allow })

@@ -790,11 +790,9 @@ where
 {
     let load = Load::standard();
     let started = Instant::now();
-    let submitted = std::sync::OnceLock::new();
     let submit = async {
         let ids = c.submit_load(load, flow.parallel, flow.spread).await;
-        let _ = submitted.set(started.elapsed());
-        ids
+        (ids, started.elapsed())
     };
     let end = |ids: Vec<String>| async move {
         let limit = Duration::from_secs(240);
@@ -806,18 +804,24 @@ where
         };
         (ids, forgotten)
     };
-    let ((accepted, forgotten), faults) = match flow.faults_while {
-        FaultsWhile::Flowing => with_faults(async { end(submit.await).await }, faults).await,
+    let (((accepted, forgotten), submitted), faults) = match flow.faults_while {
+        FaultsWhile::Flowing => {
+            let flowing = async {
+                let (ids, submitted) = submit.await;
+                (end(ids).await, submitted)
+            };
+            with_faults(flowing, faults).await
+        }
         FaultsWhile::Submitting => {
-            let (ids, faults) = with_faults(submit, faults).await;
-            (end(ids).await, faults)
+            let ((ids, submitted), faults) = with_faults(submit, faults).await;
+            ((end(ids).await, submitted), faults)
         }
     };
     Ran {
         accepted,
         forgotten,
         faults,
-        submitted: submitted.get().copied().unwrap_or_default(),
+        submitted,
         flowed: started.elapsed(),
     }
 }

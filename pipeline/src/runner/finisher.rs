@@ -69,9 +69,12 @@ impl Finisher {
                 Err(_) => Err("the finisher stopped".into()),
             };
         }
+        // As for a batch: only an outage is waited out; a refusal leaves
+        // the entry pending at once rather than after forty tries.
         let attempt = || async { self.apply(id, &step).await };
         attempt
             .retry(redis_outage())
+            .when(is_outage)
             .await
             .map(|()| Finished::Moved)
             .map_err(|e| e.to_string())

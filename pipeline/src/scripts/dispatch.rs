@@ -116,10 +116,6 @@ impl Dispatch<'_> {
 
     fn invocation<'s>(&self, p: &'s Pipeline, mode: &str, head: &[String]) -> redis::ScriptInvocation<'s> {
         let keys = &p.keys;
-        let downstream: Vec<StageName> = StageName::ALL
-            .into_iter()
-            .filter(|s| *s != StageName::RateCheck)
-            .collect();
         let mut call = p.scripts.dispatch.prepare_invoke();
         call.key(keys.vendor_ring())
             .key(keys.admitted())
@@ -128,16 +124,16 @@ impl Dispatch<'_> {
         for v in head {
             call.key(keys.vendor_queue(v));
         }
-        for s in &downstream {
-            call.key(keys.stream(*s));
+        for s in StageName::ADMITTED {
+            call.key(keys.stream(s));
         }
         call.arg(mode)
             .arg(self.window)
             .arg(now_ms())
             .arg(keys.progress_channel());
         call.arg(head.len()).arg(head);
-        call.arg(downstream.len());
-        for s in &downstream {
+        call.arg(StageName::ADMITTED.len());
+        for s in StageName::ADMITTED {
             call.arg(s.as_str());
         }
         call

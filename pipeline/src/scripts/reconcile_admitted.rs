@@ -26,7 +26,7 @@ impl ReconcileAdmitted {
         let keys = &p.keys;
         let mut call = p.scripts.reconcile_admitted.prepare_invoke();
         call.key(keys.admitted());
-        for stage in StageName::ALL.into_iter().filter(|s| *s != StageName::RateCheck) {
+        for stage in StageName::ADMITTED {
             call.key(keys.stream(stage))
                 .key(keys.retries(stage))
                 .arg(keys.group(stage));
